@@ -1,0 +1,249 @@
+// The operator library `selattn`: schemas, argument checks, output allocation and dispatch to
+// the CPU kernels (csrc/cpu) or the CUDA launchers (csrc/cuda). The same function serves both
+// dispatch keys; only the final call differs. Python wrappers live in selattn_ext/.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/prefill_cpu.h"
+#include "prefill_params.h"
+
+#ifdef SELATTN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/prefill_launch.h"
+#endif
+
+namespace selattn {
+namespace {
+
+using at::Tensor;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK_TYPE(false, "selattn: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_floating(const char* name, const Tensor& t) {
+  auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                   "selattn: ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "selattn: ", name, " must have shape ", layout, " = ",
+                    expected, ", got ", t.sizes());
+}
+
+void check_last_dim_contiguous(const char* name, const Tensor& t) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "selattn: ", name,
+                    " must be contiguous in its last (head_dim) dimension, got strides ",
+                    t.strides());
+}
+
+// Checks shared by the forward and the backward. Returns (B, Hq, Hkv, N, D).
+std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& q_sel, const Tensor& k_sel,
+                                            double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "selattn: q must be 4-D (B, Hq, N, D), got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.dim() == 4, "selattn: k must be 4-D (B, Hkv, N, D), got ", k.dim(), "-D");
+  TORCH_CHECK_VALUE(v.dim() == 4, "selattn: v must be 4-D (B, Hkv, N, D), got ", v.dim(), "-D");
+  TORCH_CHECK_VALUE(q_sel.dim() == 3, "selattn: q_sel must be 3-D (B, N, D), got ", q_sel.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(k_sel.dim() == 3, "selattn: k_sel must be 3-D (B, N, D), got ", k_sel.dim(),
+                    "-D");
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1);
+  check_floating("q", q);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
+    check_floating(name, t);
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
+                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name,
+                      " must be on the device of q (", q.device(), "), got ", t.device());
+  }
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "selattn: the number of query heads (q.size(1) = ",
+                    Hq, ") must be a multiple of the number of kv heads (k.size(1) = ", Hkv, ")");
+  check_shape("k", k, {B, Hkv, N, D}, "(B, Hkv, N, D)");
+  check_shape("v", v, {B, Hkv, N, D}, "(B, Hkv, N, D)");
+  check_shape("q_sel", q_sel, {B, N, D}, "(B, N, D)");
+  check_shape("k_sel", k_sel, {B, N, D}, "(B, N, D)");
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}})
+    check_last_dim_contiguous(name, t);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
+                    " number, got ", scale);
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
+                    D);
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    TORCH_CHECK_VALUE(cuda::prefill_supported(to_dtype(q.scalar_type()), D),
+                      "selattn: no CUDA kernel for head_dim ", D, " with dtype ",
+                      q.scalar_type(), " (CUDA supports head_dim 32, 64, 96, 128, 256)");
+#else
+    TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
+#endif
+  } else {
+    TORCH_CHECK_VALUE(q.is_cpu(), "selattn: q must be a CPU or CUDA tensor, got ", q.device());
+#if defined(SELATTN_CPU_AVX2) && (defined(__x86_64__) || defined(_M_X64))
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                "selattn: the CPU kernels were built for AVX2+FMA, which this CPU lacks");
+#endif
+  }
+  return {B, Hq, Hkv, N, D};
+}
+
+// One helper per layout, so every tensor's strides land in the params the same way.
+template <typename T>
+void set4(const Tensor& t, T*& ptr, int64_t& sb, int64_t& sh, int64_t& sr) {
+  ptr = static_cast<T*>(t.data_ptr());
+  sb = t.stride(0), sh = t.stride(1), sr = t.stride(2);
+}
+template <typename T>
+void set3(const Tensor& t, T*& ptr, int64_t& sb, int64_t& sr) {
+  ptr = static_cast<T*>(t.data_ptr());
+  sb = t.stride(0), sr = t.stride(1);
+}
+
+PrefillParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+                          const Tensor& k_sel, const Tensor& out, const Tensor& lse,
+                          double scale) {
+  PrefillParams p{};
+  p.dtype = to_dtype(q.scalar_type());
+  p.batch = q.size(0), p.heads_q = q.size(1), p.heads_kv = k.size(1);
+  p.seqlen = q.size(2), p.head_dim = q.size(3), p.scale = scale;
+  set4(q, p.q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set4(k, p.k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set4(v, p.v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  set3(q_sel, p.q_sel, p.q_sel_batch_stride, p.q_sel_row_stride);
+  set3(k_sel, p.k_sel, p.k_sel_batch_stride, p.k_sel_row_stride);
+  set4(out, p.out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+  p.lse = lse.data_ptr();
+  return p;
+}
+
+#ifdef SELATTN_WITH_CUDA
+// Allocates the launcher's scratch from torch's caching allocator; the tensor must outlive the
+// launch, which it does because the caller holds it until after the enqueue (the allocator is
+// stream-ordered).
+Tensor cuda_workspace(PrefillParams& p, size_t bytes, const Tensor& like) {
+  Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                        like.options().dtype(at::kByte));
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = bytes;
+  return ws;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "selattn: CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> prefill_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& q_sel, const Tensor& k_sel, double scale) {
+  auto [B, Hq, Hkv, N, D] = check_prefill_inputs(q, k, v, q_sel, k_sel, scale);
+  // Same strides as q when q is dense (a (B, N, H, D) view gives a (B, N, H, D) output),
+  // contiguous otherwise; selattn_ext/ops.py's fake mirrors this with torch.empty_like.
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({B, Hq, N}, q.options().dtype(stats_dtype(q.scalar_type())));
+  if (out.numel() == 0) return {out, lse};
+  PrefillParams p = make_params(q, k, v, q_sel, k_sel, out, lse, scale);
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    Tensor ws = cuda_workspace(p, cuda::prefill_fwd_workspace_bytes(p), q);
+    check_launch(cuda::prefill_fwd(p, c10::cuda::getCurrentCUDAStream().stream()),
+                 "prefill_fwd");
+#endif
+  } else {
+    cpu::prefill_fwd(p);
+  }
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+    const Tensor& k_sel, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse,
+    double scale) {
+  auto [B, Hq, Hkv, N, D] = check_prefill_inputs(q, k, v, q_sel, k_sel, scale);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"dout", dout}, {"out", out}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
+                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q");
+    check_shape(name, t, q.sizes(), "(B, Hq, N, D)");
+    check_last_dim_contiguous(name, t);
+  }
+  const auto sdt = stats_dtype(q.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == sdt, "selattn: lse must be ", sdt, ", got ",
+                   lse.scalar_type());
+  check_shape("lse", lse, {B, Hq, N}, "(B, Hq, N)");
+  TORCH_CHECK_VALUE(lse.device() == q.device(), "selattn: lse must be on the device of q");
+  Tensor lse_c = lse.contiguous();
+  Tensor dlse_c;
+  if (dlse.has_value() && dlse->defined()) {
+    TORCH_CHECK_TYPE(dlse->scalar_type() == sdt, "selattn: dlse must be ", sdt, ", got ",
+                     dlse->scalar_type());
+    check_shape("dlse", *dlse, {B, Hq, N}, "(B, Hq, N)");
+    TORCH_CHECK_VALUE(dlse->device() == q.device(), "selattn: dlse must be on the device of q");
+    dlse_c = dlse->contiguous();
+  }
+
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
+  if (dq.numel() == 0) return {dq, dk, dv, dq_sel, dk_sel};
+
+  PrefillParams p = make_params(q, k, v, q_sel, k_sel, out, lse_c, scale);
+  set4(dout, p.dout, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride);
+  p.dlse = dlse_c.defined() ? dlse_c.data_ptr() : nullptr;
+  set4(dq, p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  set4(dk, p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  set4(dv, p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  set3(dq_sel, p.dq_sel, p.dq_sel_batch_stride, p.dq_sel_row_stride);
+  set3(dk_sel, p.dk_sel, p.dk_sel_batch_stride, p.dk_sel_row_stride);
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    Tensor ws = cuda_workspace(p, cuda::prefill_bwd_workspace_bytes(p), q);
+    check_launch(cuda::prefill_bwd(p, c10::cuda::getCurrentCUDAStream().stream()),
+                 "prefill_bwd");
+#endif
+  } else {
+    cpu::prefill_bwd(p);
+  }
+  return {dq, dk, dv, dq_sel, dk_sel};
+}
+
+TORCH_LIBRARY(selattn, m) {
+  m.def(
+      "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale)"
+      " -> (Tensor out, Tensor lse)");
+  m.def(
+      "prefill_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"
+      " Tensor out, Tensor lse, Tensor? dlse, float scale)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
+}
+
+TORCH_LIBRARY_IMPL(selattn, CPU, m) {
+  m.impl("prefill_fwd", &prefill_fwd);
+  m.impl("prefill_bwd", &prefill_bwd);
+}
+
+#ifdef SELATTN_WITH_CUDA
+TORCH_LIBRARY_IMPL(selattn, CUDA, m) {
+  m.impl("prefill_fwd", &prefill_fwd);
+  m.impl("prefill_bwd", &prefill_bwd);
+}
+#endif
+
+}  // namespace selattn

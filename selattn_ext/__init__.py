@@ -1,0 +1,12 @@
+"""selattn_ext: fused selective attention for PyTorch (CPU and CUDA).
+
+    out = selattn_ext.attention(q, k, v)            # (B, H, N, D), causal, selection head 0
+
+See README.md and shared/DESIGN.md for the semantics.
+"""
+
+from . import ops, reference
+from .attention import attention
+
+__all__ = ["attention", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Python side of the ``torch.ops.selattn`` library: fake (meta) kernels and autograd.
+
+The schemas and the CPU/CUDA kernels are registered in C++ (csrc/ops.cpp); importing
+``selattn_ext._C`` loads them. This file adds what torch.compile and autograd need, and nothing
+else: argument checking lives in C++ so there is one source of truth for it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.selattn.*)
+
+__all__ = ["prefill_fwd", "prefill_bwd"]
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prefill_fwd(q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
+                scale: float) -> Tuple[Tensor, Tensor]:
+    """Raw forward op: returns (out, lse). Prefer :func:`selattn_ext.attention`."""
+    return torch.ops.selattn.prefill_fwd.default(q, k, v, q_sel, k_sel, scale)
+
+
+def prefill_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
+                out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Raw backward op: returns (dq, dk, dv, dq_sel, dk_sel)."""
+    return torch.ops.selattn.prefill_bwd.default(dout, q, k, v, q_sel, k_sel, out, lse, dlse,
+                                                 scale)
+
+
+@torch.library.register_fake("selattn::prefill_fwd")
+def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale):
+    b, hq, n, _ = q.shape
+    # Mirrors csrc/ops.cpp: out = empty_like(q), lse contiguous (B, Hq, N).
+    return torch.empty_like(q), q.new_empty((b, hq, n), dtype=_stats_dtype(q.dtype))
+
+
+@torch.library.register_fake("selattn::prefill_bwd")
+def _prefill_bwd_fake(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(q_sel), torch.empty_like(k_sel))
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _prefill_setup_context(ctx, inputs, output):
+    q, k, v, q_sel, k_sel, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_sel, k_sel, out, lse)
+    ctx.scale = scale
+
+
+def _prefill_backward(ctx, dout, dlse):
+    q, k, v, q_sel, k_sel, out, lse = ctx.saved_tensors
+    # Incoming gradients may be expanded or transposed (e.g. from .sum()); the op only needs a
+    # contiguous last dim, which keeps the common case copy-free.
+    dout = _last_dim_contiguous(dout)
+    dq, dk, dv, dq_sel, dk_sel = prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, dlse,
+                                             ctx.scale)
+    return dq, dk, dv, dq_sel, dk_sel, None
+
+
+torch.library.register_autograd("selattn::prefill_fwd", _prefill_backward,
+                                setup_context=_prefill_setup_context)
