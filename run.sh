@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: set everything up (venv, torch, build), then run a job.
+#   bash run.sh demo    build, then show agreement with the reference and speed vs baselines
+#   bash run.sh test    build, then run the test suite (what CI runs)
+#   bash run.sh setup   only set up
+# Environment: SELATTN_TORCH (pip spec, default torch==2.14.1), SELATTN_VENV (default .venv),
+# SELATTN_FORCE_CPU=1, SELATTN_CUDA_ARCHS, MAX_JOBS, CUDA_HOME (see setup.py).
+set -euo pipefail
+cd "$(dirname "$0")"
+job=${1:-demo}
+venv=${SELATTN_VENV:-.venv}
+py="$venv/bin/python"
+
+[ -x "$py" ] || python3 -m venv "$venv"
+"$py" -m pip install -q --disable-pip-version-check "${SELATTN_TORCH:-torch==2.14.1}" \
+    numpy pytest hypothesis ninja setuptools wheel tqdm
+# `nvcc` on PATH may be a wrapper script; torch needs the real toolkit root to link cudart.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+start=$(date +%s)
+"$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+echo "run.sh: built selattn_ext in $(( $(date +%s) - start )) s"
+
+case "$job" in
+  setup) ;;
+  test) exec "$py" -m pytest python_tests -q ;;
+  demo) exec "$py" bench/demo.py ;;
+  *) echo "usage: bash run.sh [demo|test|setup]" >&2; exit 2 ;;
+esac

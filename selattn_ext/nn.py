@@ -1,0 +1,119 @@
+"""``selattn_ext.nn``: modules built on the fused ops.
+
+``SelectiveSelfAttention`` trains through :func:`selattn_ext.attention` and, given a
+:class:`selattn_ext.SelectiveKVCache`, decodes through :func:`selattn_ext.decode`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .attention import attention
+
+__all__ = ["RotaryEmbedding", "SelectiveSelfAttention"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021), "rotate half" convention (as in Llama).
+
+    Channel pairs (c, c + D/2) of each head are rotated by angle ``pos * base**(-2c/D)``.
+    Applied to q and k before attention and before caching, so cached keys never need
+    re-rotation and the pruned cache's slot order does not matter.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x (B, N, H, D); positions (N,) or (B, N) integer positions -> rotated x (B, N, H, D)."""
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # (..., N, D/2)
+        if angles.dim() == 2:
+            angles = angles[None]
+        cos = angles.cos()[:, :, None, :].to(x.dtype)  # (B|1, N, 1, D/2)
+        sin = angles.sin()[:, :, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class SelectiveSelfAttention(nn.Module):
+    """Causal multi-head selective self-attention with a fused qkv projection, RoPE and GQA.
+
+    Args:
+        embed_dim: model width; must be divisible by ``num_heads``.
+        num_heads: query heads (head_dim = embed_dim // num_heads).
+        num_kv_heads: key/value heads (GQA/MQA); default ``num_heads``. Must divide num_heads.
+        rope: apply rotary embeddings to q and k.
+        rope_base: RoPE frequency base.
+        bias: bias in the projections.
+        sel_head: the query head whose logits select (negative counts from the end).
+
+    ``forward(x, cache=None)``: x (B, N, embed_dim). Without a cache, runs the fused prefill
+    (training). With a ``SelectiveKVCache`` it appends the N tokens to the cache (in chunks of
+    ``cache.max_chunk``) at positions continuing each sequence, and attends through the
+    pruned cache; ``lengths`` (B,) marks valid tokens per sequence for ragged batches.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
+                 sel_head: int = 0):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if not -num_heads <= sel_head < num_heads:
+            raise ValueError(f"sel_head must be in [-{num_heads}, {num_heads}), got {sel_head}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.sel_head = sel_head
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+
+    def _project(self, x: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        # (B, N, H, D) -> (B, H, N, D) views: the op takes any strides with a contiguous last dim.
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, cache=None, *, lengths: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        if cache is None:
+            if lengths is not None:
+                raise ValueError("lengths is only meaningful with a cache")
+            q, k, v = self._project(x, torch.arange(n, device=x.device))
+            out = attention(q, k, v, sel_head=self.sel_head)
+        else:
+            out = self._decode(x, cache, lengths)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    def _decode(self, x: Tensor, cache, lengths: Optional[Tensor]) -> Tensor:
+        from .cache import decode
+
+        b, n, _ = x.shape
+        outs = []
+        for start in range(0, n, cache.max_chunk):
+            chunk = x[:, start:start + cache.max_chunk]
+            c = chunk.shape[1]
+            chunk_lengths = None
+            if lengths is not None:
+                chunk_lengths = (torch.as_tensor(lengths, device=x.device) - start).clamp(0, c)
+            seen = torch.as_tensor(cache.seq_lengths, device=x.device).view(b, 1)
+            positions = seen + torch.arange(c, device=x.device)
+            q, k, v = self._project(chunk, positions)
+            outs.append(decode(q, k, v, cache, sel_head=self.sel_head, lengths=chunk_lengths))
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
