@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
@@ -53,6 +54,8 @@ class SelectiveSelfAttention(nn.Module):
         rope_base: RoPE frequency base.
         bias: bias in the projections.
         sel_head: the query head whose logits select (negative counts from the end).
+        selective: False gives plain causal attention with the same parameters (an ablation
+            baseline; it cannot use a pruned cache).
 
     ``forward(x, cache=None)``: x (B, N, embed_dim). Without a cache, runs the fused prefill
     (training). With a ``SelectiveKVCache`` it appends the N tokens to the cache (in chunks of
@@ -62,7 +65,7 @@ class SelectiveSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
                  rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
-                 sel_head: int = 0):
+                 sel_head: int = 0, selective: bool = True):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if embed_dim % num_heads:
@@ -75,6 +78,7 @@ class SelectiveSelfAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.sel_head = sel_head
+        self.selective = selective
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
@@ -96,7 +100,14 @@ class SelectiveSelfAttention(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths is only meaningful with a cache")
             q, k, v = self._project(x, torch.arange(n, device=x.device))
-            out = attention(q, k, v, sel_head=self.sel_head)
+            if self.selective:
+                out = attention(q, k, v, sel_head=self.sel_head)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1),
+                    v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), is_causal=True)
+        elif not self.selective:
+            raise ValueError("a SelectiveKVCache needs selective=True")
         else:
             out = self._decode(x, cache, lengths)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
