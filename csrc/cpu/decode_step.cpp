@@ -60,15 +60,39 @@ A dot(const A* a, const A* b, int64_t n) {
   return r;
 }
 
-// y += alpha * x
+// out[r] = a . b[r] for four rows at once: independent accumulators hide the FMA latency.
 template <typename A>
-void axpy(A alpha, const A* x, A* y, int64_t n) {
+void dot4(const A* a, const A* const* b, int64_t n, A* out) {
   using Vec = at::vec::Vectorized<A>;
-  const Vec va(alpha);
+  Vec s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size())
-    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec va = Vec::loadu(a + i);
+    s0 = at::vec::fmadd(va, Vec::loadu(b[0] + i), s0);
+    s1 = at::vec::fmadd(va, Vec::loadu(b[1] + i), s1);
+    s2 = at::vec::fmadd(va, Vec::loadu(b[2] + i), s2);
+    s3 = at::vec::fmadd(va, Vec::loadu(b[3] + i), s3);
+  }
+  const auto add = [](Vec x, Vec y) { return x + y; };
+  out[0] = at::vec::vec_reduce_all<A>(add, s0);
+  out[1] = at::vec::vec_reduce_all<A>(add, s1);
+  out[2] = at::vec::vec_reduce_all<A>(add, s2);
+  out[3] = at::vec::vec_reduce_all<A>(add, s3);
+  for (; i < n; ++i)
+    for (int r = 0; r < 4; ++r) out[r] += a[i] * b[r][i];
+}
+
+// y += alpha0 * x0 + alpha1 * x1
+template <typename A>
+void axpy2(A alpha0, const A* x0, A alpha1, const A* x1, A* y, int64_t n) {
+  using Vec = at::vec::Vectorized<A>;
+  const Vec va0(alpha0), va1(alpha1);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec t = at::vec::fmadd(va0, Vec::loadu(x0 + i), Vec::loadu(y + i));
+    at::vec::fmadd(va1, Vec::loadu(x1 + i), t).store(y + i);
+  }
+  for (; i < n; ++i) y[i] += alpha0 * x0[i] + alpha1 * x1[i];
 }
 
 template <typename T>
@@ -192,12 +216,57 @@ struct Step {
     });
   }
 
+  // Softmax attention of one query row over the slots; `ot` holds its F offsets (+inf where
+  // the key is not visible). Masked slots are skipped by value, never read into the sums, so
+  // stale data in free slots cannot leak in.
+  void attend_row(const A* qr, int64_t b, int64_t hk, const A* ot, A* logits, A* kbuf,
+                  A* vbuf, A* acc, T* o) const {
+    using Vec = at::vec::Vectorized<A>;
+    constexpr A kInf = std::numeric_limits<A>::infinity();
+    const A scale = static_cast<A>(p.scale);
+    int64_t j = 0;
+    for (; j + 4 <= S; j += 4) {
+      const A* rows[4];
+      for (int r = 0; r < 4; ++r) rows[r] = as_acc(k_cache_row(b, hk, j + r), kbuf + r * D, D);
+      dot4(qr, rows, D, logits + j);
+    }
+    for (; j < S; ++j) logits[j] = dot(qr, as_acc(k_cache_row(b, hk, j), kbuf, D), D);
+    A mx = -kInf;
+    for (j = 0; j < S; ++j) {
+      logits[j] = ot[j] == kInf ? -kInf : scale * logits[j] - ot[j];
+      mx = std::max(mx, logits[j]);
+    }
+    // The query's own token is always visible with a finite logit: mx is finite, denom >= 1.
+    const Vec vmx(mx);
+    for (j = 0; j + Vec::size() <= S; j += Vec::size())
+      (Vec::loadu(logits + j) - vmx).exp().store(logits + j);
+    for (; j < S; ++j) logits[j] = std::exp(logits[j] - mx);
+    std::fill(acc, acc + D, A(0));
+    A denom = 0;
+    int64_t pending = -1;  // visible keys are accumulated two at a time
+    for (j = 0; j < S; ++j) {
+      if (ot[j] == kInf) continue;
+      denom += logits[j];
+      if (pending < 0) {
+        pending = j;
+        continue;
+      }
+      axpy2(logits[pending], as_acc(v_cache_row(b, hk, pending), vbuf, D), logits[j],
+            as_acc(v_cache_row(b, hk, j), vbuf + D, D), acc, D);
+      pending = -1;
+    }
+    if (pending >= 0)
+      axpy2(logits[pending], as_acc(v_cache_row(b, hk, pending), vbuf, D), A(0),
+            as_acc(v_cache_row(b, hk, pending), vbuf, D), acc, D);
+    const A inv = A(1) / denom;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+  }
+
   void attend() {
     at::parallel_for(0, B * Hq, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<A> qbuf(D), kbuf(D), vbuf(D), acc(D), logits(S);
+      std::vector<A> qbuf(D), kbuf(4 * D), vbuf(2 * D), acc(D), logits(S);
       for (int64_t w = w0; w < w1; ++w) {
-        const int64_t b = w / Hq, h = w % Hq, hk = h / g;
-        const A* off = offsets.data() + b * c * S;
+        const int64_t b = w / Hq, h = w % Hq;
         for (int64_t t = 0; t < c; ++t) {
           T* o = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                  t * p.out_row_stride;
@@ -205,26 +274,9 @@ struct Step {
             std::fill(o, o + D, T(0));
             continue;
           }
-          const A* qr = as_acc(q_row(b, h, t), qbuf.data(), D);
-          const A* ot = off + t * S;
-          A mx = -std::numeric_limits<A>::infinity();
-          for (int64_t j = 0; j < S; ++j) {
-            if (std::isinf(ot[j])) continue;
-            const A* kr = as_acc(k_cache_row(b, hk, j), kbuf.data(), D);
-            logits[j] = static_cast<A>(p.scale) * dot(qr, kr, D) - ot[j];
-            mx = std::max(mx, logits[j]);
-          }
-          std::fill(acc.begin(), acc.end(), A(0));
-          A denom = 0;
-          for (int64_t j = 0; j < S; ++j) {
-            if (std::isinf(ot[j])) continue;
-            const A e = std::exp(logits[j] - mx);
-            denom += e;
-            axpy(e, as_acc(v_cache_row(b, hk, j), vbuf.data(), D), acc.data(), D);
-          }
-          // The query's own token is always visible with a finite logit, so denom >= 1.
-          const A inv = A(1) / denom;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+          attend_row(as_acc(q_row(b, h, t), qbuf.data(), D), b, h / g,
+                     offsets.data() + (b * c + t) * S, logits.data(), kbuf.data(), vbuf.data(),
+                     acc.data(), o);
         }
       }
     });
