@@ -38,13 +38,19 @@ class Case:
     layout: str = "bhnd"
     sel: str = "head"
     lse_loss: bool = True
+    scale: Optional[float] = None  # None: the op's default, D ** -0.5
+
+    @property
+    def effective_scale(self) -> float:
+        return self.D ** -0.5 if self.scale is None else self.scale
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         return (f"B{self.B}-H{self.Hq}x{self.Hkv}-N{self.N}-D{self.D}-{dt}-{self.layout}-"
                 f"{self.sel}{self.sel_head if self.sel == 'head' else ''}"
-                f"{'-lse' if self.lse_loss else ''}")
+                f"{'-lse' if self.lse_loss else ''}"
+                f"{'' if self.scale is None else f'-s{self.scale:.3g}'}")
 
     @property
     def seed(self) -> int:
@@ -127,7 +133,8 @@ def run_prefill(fn: Callable, case: Case, leaves: Dict[str, torch.Tensor], dout:
     ``d<leaf>`` for each leaf, all detached."""
     leaves = {n: t.detach().requires_grad_(grads) for n, t in leaves.items()}
     q, k, v, q_sel, k_sel = as_inputs(case, leaves)
-    out, lse = fn(q, k, v, sel_head=case.sel_head, q_sel=q_sel, k_sel=k_sel, return_lse=True)
+    out, lse = fn(q, k, v, scale=case.scale, sel_head=case.sel_head, q_sel=q_sel, k_sel=k_sel,
+                  return_lse=True)
     res = {"out": out.detach(), "lse": lse.detach()}
     if grads:
         loss = (out * dout.to(out.dtype)).sum()
@@ -177,7 +184,7 @@ def check_against_reference(case: Case, device: str, grads: bool) -> None:
     leaves = make_leaves(case, device)
     if case.N >= 17:
         q_sel, k_sel = selection_of(case, leaves)
-        assert_f_matters(q_sel, k_sel, case.D ** -0.5)
+        assert_f_matters(q_sel, k_sel, case.effective_scale)
     dout, dlse = cotangents(case, device)
     ours = run_prefill(selattn_ext.attention, case, leaves, dout, dlse, grads)
     low = run_prefill(reference.attention, case, leaves, dout, dlse, grads)
