@@ -47,7 +47,7 @@ void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected, co
 }
 
 void check_last_dim_contiguous(const char* name, const Tensor& t) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "selattn: ", name,
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "selattn: ", name,
                     " must be contiguous in its last (head_dim) dimension, got strides ",
                     t.strides());
 }

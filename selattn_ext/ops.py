@@ -35,8 +35,17 @@ def prefill_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_
                                                  scale)
 
 
+def _check_same_device(q: Tensor, **others: Tensor) -> None:
+    # The C++ kernels check everything; this is the one check a fake (meta) call also needs,
+    # because mixing a meta tensor with a real one dispatches to the fake alone.
+    for name, t in others.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"selattn: {name} must be on the device of q ({q.device}), got {t.device}")
+
+
 @torch.library.register_fake("selattn::prefill_fwd")
 def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale):
+    _check_same_device(q, k=k, v=v, q_sel=q_sel, k_sel=k_sel)
     b, hq, n, _ = q.shape
     # Mirrors csrc/ops.cpp: out = empty_like(q), lse contiguous (B, Hq, N).
     return torch.empty_like(q), q.new_empty((b, hq, n), dtype=_stats_dtype(q.dtype))
@@ -44,12 +53,13 @@ def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale):
 
 @torch.library.register_fake("selattn::prefill_bwd")
 def _prefill_bwd_fake(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale):
+    _check_same_device(q, dout=dout, k=k, v=v, q_sel=q_sel, k_sel=k_sel, out=out, lse=lse, dlse=dlse)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(q_sel), torch.empty_like(k_sel))
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+    return t if t.numel() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _prefill_setup_context(ctx, inputs, output):
