@@ -236,8 +236,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--inner", type=int, default=5, help="steps per timed run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (CPU; default: torch's choice)")
     ap.add_argument("--out", default=None, help="directory for JSON + markdown results")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.n is None:
