@@ -2,6 +2,9 @@
 // preconditions the kernels rely on (16-byte alignment), and dispatch by element type.
 #include "cuda/decode_launch.h"
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "cuda/decode_kernels.cuh"
 
 namespace selattn::cuda {
