@@ -266,8 +266,9 @@ def main():
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H%M%S")
         stem = os.path.join(args.out, f"decode_{args.device}_{slug(meta['machine'])}_"
-                                      f"{meta['date']}_{meta['commit']}")
+                                      f"{meta['date']}T{stamp}_{meta['commit']}")
         with open(stem + ".json", "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)
         with open(stem + ".md", "w") as fh:
