@@ -433,3 +433,24 @@ def test_opcheck(device, with_lengths, tau):
     args = (q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], cache.k_cache, cache.v_cache, cache.f,
             cache.pos, cache.seq_len, lengths, d ** -0.5, 1, budget, tau)
     torch.library.opcheck(torch.ops.selattn.decode_step.default, args)
+
+
+def test_torch_compile_fullgraph():
+    # The mutating op traces under torch.compile (fake impl + schema aliasing), through the
+    # public wrapper, and keeps the cache state identical to eager.
+    b, hq, hkv, d, budget = 1, 4, 2, 16, 4
+    compiled_cache = SelectiveKVCache(b, hkv, d, budget, dtype=torch.float64)
+    eager_cache = SelectiveKVCache(b, hkv, d, budget, dtype=torch.float64)
+
+    @torch.compile(fullgraph=True)
+    def step(q, k, v):
+        return decode(q, k, v, compiled_cache) * 2
+
+    q, k, v = make_inputs(b, hq, hkv, 8, d, seed=12)
+    for t in range(8):
+        sl = slice(t, t + 1)
+        got = step(q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        want = decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], eager_cache) * 2
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert compiled_cache.positions() == eager_cache.positions()
+    assert len(compiled_cache.positions()[0]) == budget
