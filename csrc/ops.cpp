@@ -5,13 +5,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/decode_cpu.h"
 #include "cpu/prefill_cpu.h"
+#include "decode_params.h"
 #include "prefill_params.h"
 
 #ifdef SELATTN_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/decode_launch.h"
 #include "cuda/prefill_launch.h"
 #endif
 
@@ -224,6 +227,150 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
   return {dq, dk, dv, dq_sel, dk_sel};
 }
 
+// ============================================================================================
+// decode: one step of the pruned KV cache (DESIGN §3). Python side: selattn_ext/cache.py.
+// ============================================================================================
+namespace {
+
+void check_state(const char* name, const Tensor& t, at::ScalarType dtype,
+                 at::IntArrayRef expected, const char* layout, const Tensor& q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "selattn: ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  check_shape(name, t, expected, layout);
+  TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q (",
+                    q.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "selattn: ", name, " must be contiguous");
+}
+
+// Validates everything that can be validated without reading device memory, plus `lengths`
+// (read back from the GPU when there: a bad length would otherwise be a silent clamp).
+void check_decode_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& k_cache, const Tensor& v_cache, const Tensor& f,
+                         const Tensor& pos, const Tensor& seq_len,
+                         const std::optional<Tensor>& lengths, double scale, int64_t sel_head,
+                         int64_t budget, std::optional<double> tau) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "selattn: q must be 4-D (B, Hq, c, D), got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.dim() == 4, "selattn: k must be 4-D (B, Hkv, c, D), got ", k.dim(), "-D");
+  TORCH_CHECK_VALUE(v.dim() == 4, "selattn: v must be 4-D (B, Hkv, c, D), got ", v.dim(), "-D");
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "selattn: k_cache must be 4-D (B, Hkv, slots, D), got ",
+                    k_cache.dim(), "-D");
+  TORCH_CHECK_VALUE(f.dim() == 2, "selattn: f must be 2-D (B, slots), got ", f.dim(), "-D");
+  const int64_t B = q.size(0), Hq = q.size(1), c = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), slots = k_cache.size(2);
+  check_floating("q", q);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
+                         {"k_cache", k_cache}, {"v_cache", v_cache}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
+                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name,
+                      " must be on the device of q (", q.device(), "), got ", t.device());
+  }
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "selattn: the number of query heads (q.size(1) = ",
+                    Hq, ") must be a multiple of the number of kv heads (k.size(1) = ", Hkv, ")");
+  check_shape("k", k, {B, Hkv, c, D}, "(B, Hkv, c, D)");
+  check_shape("v", v, {B, Hkv, c, D}, "(B, Hkv, c, D)");
+  check_shape("k_cache", k_cache, {B, Hkv, slots, D}, "(B, Hkv, slots, D)");
+  check_shape("v_cache", v_cache, {B, Hkv, slots, D}, "(B, Hkv, slots, D)");
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"k_cache", k_cache}, {"v_cache", v_cache}})
+    check_last_dim_contiguous(name, t);
+  check_state("f", f, stats_dtype(q.scalar_type()), {B, slots}, "(B, slots)", q);
+  check_state("pos", pos, at::kLong, {B, slots}, "(B, slots)", q);
+  check_state("seq_len", seq_len, at::kLong, {B}, "(B,)", q);
+  TORCH_CHECK_VALUE(budget >= 1, "selattn: budget must be >= 1, got ", budget);
+  TORCH_CHECK_VALUE(c >= 1, "selattn: the chunk (q.size(2)) must hold at least one token");
+  TORCH_CHECK_VALUE(c <= slots - budget, "selattn: the chunk (q.size(2) = ", c,
+                    ") must be <= slots - budget = ", slots, " - ", budget, " = ", slots - budget);
+  TORCH_CHECK_VALUE(sel_head >= 0 && sel_head < Hq, "selattn: sel_head must be in [0, ", Hq,
+                    "), got ", sel_head);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
+                    " number, got ", scale);
+  TORCH_CHECK_VALUE(!tau.has_value() || !std::isnan(*tau), "selattn: tau must not be NaN");
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
+                    D);
+  if (lengths.has_value() && lengths->defined()) {
+    check_state("lengths", *lengths, at::kLong, {B}, "(B,)", q);
+    if (B > 0) {
+      auto [lo, hi] = at::aminmax(*lengths);
+      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+      TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= c, "selattn: lengths must be in [0, ", c,
+                        "] (the chunk size), got values in [", lo_v, ", ", hi_v, "]");
+    }
+  }
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    TORCH_CHECK_VALUE(cuda::decode_supported(to_dtype(q.scalar_type()), D),
+                      "selattn: no CUDA decode kernel for head_dim ", D, " with dtype ",
+                      q.scalar_type(), " (CUDA decode supports head_dim 32, 64, 96, 128, 256)");
+#else
+    TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
+#endif
+  } else {
+    TORCH_CHECK_VALUE(q.is_cpu(), "selattn: q must be a CPU or CUDA tensor, got ", q.device());
+#if defined(SELATTN_CPU_AVX2) && (defined(__x86_64__) || defined(_M_X64))
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                "selattn: the CPU kernels were built for AVX2+FMA, which this CPU lacks");
+#endif
+  }
+}
+
+DecodeParams make_decode_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& k_cache, const Tensor& v_cache, const Tensor& f,
+                                const Tensor& pos, const Tensor& seq_len, const Tensor& lengths,
+                                const Tensor& out, double scale, int64_t sel_head,
+                                int64_t budget, std::optional<double> tau) {
+  DecodeParams p{};
+  p.dtype = to_dtype(q.scalar_type());
+  p.batch = q.size(0), p.heads_q = q.size(1), p.heads_kv = k.size(1);
+  p.chunk = q.size(2), p.head_dim = q.size(3), p.slots = k_cache.size(2);
+  p.budget = budget, p.sel_head = sel_head, p.scale = scale;
+  p.has_tau = tau.has_value(), p.tau = tau.value_or(0.0);
+  set4(q, p.q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set4(k, p.k_new, p.k_new_batch_stride, p.k_new_head_stride, p.k_new_row_stride);
+  set4(v, p.v_new, p.v_new_batch_stride, p.v_new_head_stride, p.v_new_row_stride);
+  set4(k_cache, p.k_cache, p.k_cache_batch_stride, p.k_cache_head_stride, p.k_cache_row_stride);
+  set4(v_cache, p.v_cache, p.v_cache_batch_stride, p.v_cache_head_stride, p.v_cache_row_stride);
+  set4(out, p.out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+  p.f = f.data_ptr();
+  p.pos = pos.data_ptr<int64_t>();
+  p.seq_len = seq_len.data_ptr<int64_t>();
+  p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
+}  // namespace
+
+Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_cache,
+                   const Tensor& v_cache, const Tensor& f, const Tensor& pos,
+                   const Tensor& seq_len, const std::optional<Tensor>& lengths, double scale,
+                   int64_t sel_head, int64_t budget, std::optional<double> tau) {
+  check_decode_inputs(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
+                      budget, tau);
+  Tensor out = at::empty(q.sizes(), q.options());
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(3) == 0) return out.zero_();
+  Tensor lengths_t = lengths.has_value() ? *lengths : Tensor();
+  DecodeParams p = make_decode_params(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths_t, out,
+                                      scale, sel_head, budget, tau);
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    const size_t bytes = cuda::decode_workspace_bytes(p);
+    Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                          q.options().dtype(at::kByte));
+    p.workspace = ws.data_ptr();
+    p.workspace_bytes = bytes;
+    check_launch(cuda::decode_step(p, c10::cuda::getCurrentCUDAStream().stream()),
+                 "decode_step");
+#endif
+  } else {
+    cpu::decode_step(p);
+  }
+  return out;
+}
+// ============================================================================================
+// end of decode
+// ============================================================================================
+
 TORCH_LIBRARY(selattn, m) {
   m.def(
       "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale)"
@@ -232,17 +379,24 @@ TORCH_LIBRARY(selattn, m) {
       "prefill_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"
       " Tensor out, Tensor lse, Tensor? dlse, float scale)"
       " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
+  // decode (DESIGN §3): mutates the cache state, returns the chunk's attention output.
+  m.def(
+      "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+      " Tensor(c!) f, Tensor(d!) pos, Tensor(e!) seq_len, Tensor? lengths, float scale,"
+      " int sel_head, int budget, float? tau) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(selattn, CPU, m) {
   m.impl("prefill_fwd", &prefill_fwd);
   m.impl("prefill_bwd", &prefill_bwd);
+  m.impl("decode_step", &decode_step);
 }
 
 #ifdef SELATTN_WITH_CUDA
 TORCH_LIBRARY_IMPL(selattn, CUDA, m) {
   m.impl("prefill_fwd", &prefill_fwd);
   m.impl("prefill_bwd", &prefill_bwd);
+  m.impl("decode_step", &decode_step);
 }
 #endif
 

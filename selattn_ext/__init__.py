@@ -7,6 +7,7 @@ See README.md and shared/DESIGN.md for the semantics.
 
 from . import ops, reference
 from .attention import attention
+from .cache import SelectiveKVCache, decode
 
-__all__ = ["attention", "ops", "reference"]
+__all__ = ["attention", "ops", "reference", "SelectiveKVCache", "decode"]
 __version__ = "0.1.0"

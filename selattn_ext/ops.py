@@ -71,3 +71,24 @@ def _prefill_backward(ctx, dout, dlse):
 
 torch.library.register_autograd("selattn::prefill_fwd", _prefill_backward,
                                 setup_context=_prefill_setup_context)
+
+
+# --- decode (DESIGN §3): one step of the pruned KV cache; see selattn_ext/cache.py ----------
+
+__all__ += ["decode_step"]
+
+
+def decode_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, f: Tensor,
+                pos: Tensor, seq_len: Tensor, lengths: Optional[Tensor], scale: float,
+                sel_head: int, budget: int, tau: Optional[float]) -> Tensor:
+    """Raw decode op: updates the cache tensors in place, returns out. Prefer
+    :func:`selattn_ext.decode` with a :class:`selattn_ext.SelectiveKVCache`."""
+    return torch.ops.selattn.decode_step.default(q, k, v, k_cache, v_cache, f, pos, seq_len,
+                                                 lengths, scale, sel_head, budget, tau)
+
+
+@torch.library.register_fake("selattn::decode_step")
+def _decode_step_fake(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
+                      budget, tau):
+    # Mirrors csrc/ops.cpp: a contiguous output shaped like q; the cache is mutated in place.
+    return q.new_empty(q.shape)

@@ -90,3 +90,79 @@ def attention(
     if return_f:
         extra.append(f)
     return (out, *extra) if extra else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruned KV cache (DESIGN §3), eagerly: a literal loop over sequences with python-side state.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["ReferenceKVCache"]
+
+
+class ReferenceKVCache:
+    """Executable spec of the pruned KV cache: one layer, every sequence kept as plain tensors.
+
+    Each :meth:`step` call is one step of DESIGN §3 for a chunk of ``c`` new tokens per
+    sequence (``lengths[b] <= c`` of them valid). Computes in the dtype of the inputs, with F
+    kept in float32 (float64 for float64 inputs). Slow on purpose: no slots, no kernels.
+    """
+
+    def __init__(self, budget: int, *, tau: Optional[float] = None, scale: Optional[float] = None,
+                 sel_head: int = 0):
+        self.budget, self.tau, self.scale, self.sel_head = budget, tau, scale, sel_head
+        self.seqs = None  # per sequence: dict(pos=list[int], k, v (Hkv, n, D), f (n,), length)
+
+    def positions(self):
+        """Kept positions per sequence, ascending."""
+        return [sorted(s["pos"]) for s in self.seqs] if self.seqs else []
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, lengths=None) -> Tensor:
+        bsz, hq, c, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        scale = d ** -0.5 if self.scale is None else self.scale
+        sh = self.sel_head % hq
+        fdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if self.seqs is None:
+            self.seqs = [dict(pos=[], k=k.new_zeros(hkv, 0, d), v=v.new_zeros(hkv, 0, d),
+                              f=torch.zeros(0, dtype=fdt, device=q.device), length=0)
+                         for _ in range(bsz)]
+        out = torch.zeros_like(q)
+        for b, st in enumerate(self.seqs):
+            m = c if lengths is None else int(lengths[b])
+            big_l = st["length"]
+            # 1. add the chunk with F = 0
+            pos = st["pos"] + list(range(big_l, big_l + m))
+            kk = torch.cat([st["k"], k[b, :, :m]], dim=1)
+            vv = torch.cat([st["v"], v[b, :, :m]], dim=1)
+            f = torch.cat([st["f"], torch.zeros(m, dtype=fdt, device=q.device)])
+            p = torch.tensor(pos, device=q.device)
+            qpos = big_l + torch.arange(m, device=q.device)
+            # S[t, j] by positions, and the within-chunk exclusive prefix for query t
+            a = scale * (q[b, sh, :m] @ kk[sh // g].transpose(0, 1))
+            sel = (p[None, :] > 0) & (p[None, :] < qpos[:, None])
+            s = torch.where(sel, torch.relu(a), torch.zeros((), dtype=a.dtype, device=a.device))
+            s = s.to(fdt)
+            before = torch.cumsum(s, dim=0) - s
+            # 2. attention of every new query over C with pos(j) <= pos(i)
+            logits = scale * (q[b, :, :m] @ kk.repeat_interleave(g, dim=0).transpose(-1, -2))
+            logits = logits - (f[None, :] + before).to(logits.dtype)[None]
+            logits = logits.masked_fill(p[None, None, :] > qpos[None, :, None], float("-inf"))
+            out[b, :, :m] = torch.softmax(logits, dim=-1) @ vv.repeat_interleave(g, dim=0)
+            # 3. F update
+            f = f + s.sum(dim=0)
+            # 4. eviction: tau first, then the largest F while over budget (ties: oldest)
+            keep = [True] * len(pos)
+            if self.tau is not None:
+                for j in range(len(pos)):
+                    if pos[j] != 0 and float(f[j]) > self.tau:
+                        keep[j] = False
+            while sum(keep) > self.budget:
+                cand = [j for j in range(len(pos)) if keep[j] and pos[j] != 0]
+                victim = max(cand, key=lambda j: (float(f[j]), -pos[j]))
+                keep[victim] = False
+            idx = torch.tensor([j for j in range(len(pos)) if keep[j]], dtype=torch.long,
+                               device=q.device)
+            st.update(pos=[pos[j] for j in idx.tolist()], k=kk[:, idx], v=vv[:, idx], f=f[idx],
+                      length=big_l + m)
+        return out

@@ -1,0 +1,272 @@
+"""Decode-step latency of the pruned KV cache against full-length caches.
+
+For each history length N and budget M (N/32 .. N/2) it times, in one process, alternating:
+  ours        selattn_ext.decode: one new token against a cache pruned to M tokens
+  eager_full  the same selective step done with torch ops on a full-length cache (F kept for
+              all N tokens: logits - F, softmax, @V, then F += relu(selection logits))
+  sdpa_full   plain SDPA decode on the full-length cache (no selection: the usual KV cache)
+and reports medians, tokens/s and the ratios eager_full/ours, sdpa_full/ours. With
+``--device cuda`` it also reports the bytes ours must read per step, as GB/s and as a fraction
+of a measured device-to-device copy bandwidth.
+
+    python bench/decode.py                     # CPU, N in {2K, 8K}
+    python bench/decode.py --n 2048 8192 32768 --out bench/results
+    python bench/decode.py --device cuda --dtype bfloat16 --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F_nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import selattn_ext  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.device = device
+
+    def __call__(self, fn, inner: int) -> float:
+        """Seconds per call, averaged over `inner` back-to-back calls."""
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+
+def filled_cache(b, h, d, n, budget, dtype, device, gen):
+    """A cache in the state after N tokens: BOS plus the most recent budget-1 tokens kept,
+    positive F. Filled directly: decoding N tokens first would only cost setup time."""
+    cache = selattn_ext.SelectiveKVCache(b, h, d, budget, dtype=dtype, device=device)
+    cache.k_cache.copy_(torch.randn(cache.k_cache.shape, generator=gen).to(dtype))
+    cache.v_cache.copy_(torch.randn(cache.v_cache.shape, generator=gen).to(dtype))
+    kept = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(n - budget + 1, n)])
+    cache.pos[:, :budget] = kept.to(device)
+    cache.f[:, 1:budget] = torch.rand(b, budget - 1, generator=gen).to(cache.f)
+    cache.seq_len.fill_(n)
+    return cache
+
+
+class FullCache:
+    """The full-length alternatives: every token kept (N + steps rows preallocated)."""
+
+    def __init__(self, b, h, d, n, extra, dtype, device, gen, scale):
+        self.k = torch.randn(b, h, n + extra, d, generator=gen).to(device=device, dtype=dtype)
+        self.v = torch.randn(b, h, n + extra, d, generator=gen).to(device=device, dtype=dtype)
+        f_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.f = torch.rand(b, n + extra, generator=gen).to(device=device, dtype=f_dtype)
+        self.f[:, 0] = 0
+        self.n0 = self.n = n
+        self.scale = scale
+
+    def rewind(self):
+        self.n = self.n0
+
+    def append(self, k, v):
+        n = self.n
+        self.k[:, :, n:n + 1] = k
+        self.v[:, :, n:n + 1] = v
+        self.f[:, n] = 0
+        self.n = n + 1
+        return n
+
+    def eager_step(self, q, k, v):
+        # One new token: its logits over tokens 0..n with F subtracted, then the F update.
+        n = self.append(k, v) + 1
+        keys, vals, f = self.k[:, :, :n], self.v[:, :, :n], self.f[:, :n]
+        b, h, _, d = q.shape
+        hkv = keys.shape[1]
+        qg = q.reshape(b, hkv, h // hkv, d)  # GQA: the g heads of a kv head share its keys
+        logits = self.scale * (qg @ keys.transpose(-1, -2)) - f[:, None, None, :].to(q.dtype)
+        out = (torch.softmax(logits.float(), dim=-1).to(q.dtype) @ vals).reshape(b, h, 1, d)
+        sel = (self.scale * (q[:, 0] @ keys[:, 0].transpose(-1, -2)))[:, 0].relu()
+        sel[:, 0] = 0  # no BOS
+        sel[:, n - 1] = 0  # no self
+        f.add_(sel.to(f.dtype))
+        return out
+
+    def sdpa_step(self, q, k, v):
+        n = self.append(k, v) + 1
+        return F_nn.scaled_dot_product_attention(q, self.k[:, :, :n], self.v[:, :, :n],
+                                                 scale=self.scale,
+                                                 enable_gqa=q.shape[1] != self.k.shape[1])
+
+
+def copy_bandwidth(device, timer) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write bytes)."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [timer(lambda: dst.copy_(src), 10) for _ in range(5)]
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def run(args):
+    device, dtype = args.device, DTYPES[args.dtype]
+    timer = Timer(device)
+    gen = torch.Generator().manual_seed(0)
+    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    scale = d ** -0.5
+    elt = torch.empty((), dtype=dtype).element_size()
+    bw = copy_bandwidth(device, timer) if device == "cuda" else None
+    rows = []
+    for n in args.n:
+        budgets = [n // div for div in (32, 16, 8, 4, 2) if n // div >= 1]
+        steps = args.reps * args.inner + args.warmup * args.inner
+        full = FullCache(b, hkv, d, n, steps + 1, dtype, device, gen, scale)
+        for budget in budgets:
+            cache = filled_cache(b, hkv, d, n, budget, dtype, device, gen)
+            q = torch.randn(b, h, 1, d, generator=gen).to(device=device, dtype=dtype)
+            kn = torch.randn(b, hkv, 1, d, generator=gen).to(device=device, dtype=dtype)
+            vn = torch.randn(b, hkv, 1, d, generator=gen).to(device=device, dtype=dtype)
+            fns = {
+                "ours": lambda: selattn_ext.decode(q, kn, vn, cache, scale=scale),
+                "eager_full": lambda: full.eager_step(q, kn, vn),
+                "sdpa_full": lambda: full.sdpa_step(q, kn, vn),
+            }
+            times = {name: [] for name in fns}
+            full.rewind()
+            for rep in range(args.warmup + args.reps):
+                for name, fn in fns.items():  # alternate so load spikes hit all alike
+                    if name != "ours":
+                        full.rewind()
+                    t = timer(fn, args.inner)
+                    if rep >= args.warmup:
+                        times[name].append(t)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            row = dict(n=n, budget=budget, batch=b, heads=h, kv_heads=hkv, head_dim=d,
+                       dtype=args.dtype, device=device,
+                       **{f"{name}_us": med[name] * 1e6 for name in med},
+                       ours_tokens_per_s=b / med["ours"],
+                       eager_full_over_ours=med["eager_full"] / med["ours"],
+                       sdpa_full_over_ours=med["sdpa_full"] / med["ours"],
+                       cache_bytes=cache.memory_bytes(),
+                       full_cache_bytes=2 * b * hkv * n * d * elt + b * n * 4)
+            if bw is not None:
+                moved = 2 * b * hkv * cache.slots * d * elt + b * cache.slots * 12
+                row["ours_gb_per_s"] = moved / med["ours"] / 1e9
+                row["ours_fraction_of_copy_bw"] = row["ours_gb_per_s"] / bw
+            rows.append(row)
+            print(f"N={n:6d} M={budget:6d}  ours {row['ours_us']:9.1f} us  "
+                  f"eager_full {row['eager_full_us']:9.1f} us ({row['eager_full_over_ours']:5.1f}x)"
+                  f"  sdpa_full {row['sdpa_full_us']:9.1f} us ({row['sdpa_full_over_ours']:5.1f}x)"
+                  + (f"  {row['ours_gb_per_s']:.0f} GB/s" if bw else ""), flush=True)
+    return rows, bw
+
+
+def markdown(rows, meta) -> str:
+    cols = ["n", "budget", "ours_us", "eager_full_us", "sdpa_full_us", "eager_full_over_ours",
+            "sdpa_full_over_ours", "ours_tokens_per_s", "cache_bytes", "full_cache_bytes"]
+    if rows and "ours_gb_per_s" in rows[0]:
+        cols += ["ours_gb_per_s", "ours_fraction_of_copy_bw"]
+    lines = [f"# decode step: {meta['machine']} ({meta['device']}), {meta['date']}, "
+             f"commit {meta['commit']}", "",
+             f"B={meta['batch']} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
+             f"{meta['dtype']}, torch threads {meta['threads']}, medians of {meta['reps']} "
+             f"alternating runs x {meta['inner']} steps."
+             + (f" Copy bandwidth {meta['copy_gb_per_s']:.0f} GB/s." if meta.get("copy_gb_per_s")
+                else ""), "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--n", type=int, nargs="+", default=None,
+                    help="history lengths (default: 2048 8192 on CPU, +32768 on CUDA)")
+    ap.add_argument("--max-n", type=int, default=None, help="drop history lengths above this")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--inner", type=int, default=5, help="steps per timed run")
+    ap.add_argument("--out", default=None, help="directory for JSON + markdown results")
+    args = ap.parse_args()
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if args.n is None:
+        args.n = [2048, 8192] + ([32768] if args.device == "cuda" else [])
+    if args.max_n is not None:
+        args.n = [n for n in args.n if n <= args.max_n]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no GPU")
+
+    rows, bw = run(args)
+    meta = dict(machine=machine_name(args.device), device=args.device,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                commit=git_commit(), batch=args.batch, heads=args.heads,
+                kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                threads=torch.get_num_threads(), reps=args.reps, inner=args.inner,
+                torch=torch.__version__, copy_gb_per_s=bw)
+    md = markdown(rows, meta)
+    print()
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"decode_{args.device}_{slug(meta['machine'])}_"
+                                      f"{meta['date']}_{meta['commit']}")
+        with open(stem + ".json", "w") as fh:
+            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+        with open(stem + ".md", "w") as fh:
+            fh.write(md)
+        print(f"wrote {stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
