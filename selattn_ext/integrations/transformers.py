@@ -237,7 +237,7 @@ class SelectivePrunedLayer(CacheLayerMixin):
         return key_states, value_states
 
     def kv_cache_batch(self) -> int:
-        return int(self.kv_cache.seq_lengths.shape[0])
+        return self.kv_cache.batch_size
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor,
                scaling: Optional[float]) -> Tensor:
