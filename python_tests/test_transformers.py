@@ -379,3 +379,39 @@ def test_beam_search_is_rejected():
     with torch.no_grad(), pytest.raises(NotImplementedError):
         generate(model, prompt(batch=1, n=6), SelectivePrunedCache(budget=8), num_beams=2,
                  max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------------------
+# other Llama-family models that dispatch through AttentionInterface
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families_forward_and_generate(family):
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        vocab_size=VOCAB, max_position_embeddings=256, sliding_window=None,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = model_cls(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0, 0.2)
+            layer.self_attn.k_proj.weight.normal_(0, 0.2)
+    model.set_attn_implementation("selective")
+    ids = prompt(n=10)
+    with torch.no_grad():
+        ours = model(ids, use_cache=False).logits
+        oracle = logits_with(model, "selective_reference", ids)
+        torch.testing.assert_close(ours, oracle, rtol=1e-9, atol=1e-9)
+        cached = generate(model, ids, SelectivePrunedCache(budget=32), max_new_tokens=5,
+                          output_scores=True, return_dict_in_generate=True)
+        full = generate(model, ids, use_cache=False, max_new_tokens=5, output_scores=True,
+                        return_dict_in_generate=True)
+    assert torch.equal(cached.sequences, full.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(full.scores),
+                               rtol=1e-9, atol=1e-9)
