@@ -169,8 +169,8 @@ def selective_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
             f"attn_implementation='selective' got {q_len} queries against {kv_len} cached keys: "
             "selective attention cannot continue from a plain KV cache (the accumulated "
             "selection F needs the earlier queries). Generate with "
-            "past_key_values=SelectivePrunedCache(budget=...) (exact when budget >= the total "
-            "length) or with use_cache=False")
+            "cache=SelectivePrunedCache(budget=...) (past_key_values= in older transformers; "
+            "exact when budget >= the total length) or with use_cache=False")
     else:
         out = selattn_ext.attention(query, key, value, scale=scaling, sel_head=SEL_HEAD)
     return out.transpose(1, 2).contiguous(), None
