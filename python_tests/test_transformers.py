@@ -6,6 +6,7 @@ dropped F, or mixed up positions, would fail.
 """
 
 import inspect
+import os
 import subprocess
 import sys
 import warnings
@@ -95,9 +96,14 @@ def assert_within_fa_tolerance(ours, low, oracle, factor=2.0):
 # import behaviour
 # ------------------------------------------------------------------------------------------
 
+def _run_python(code):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(selattn_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
 def test_import_selattn_ext_does_not_import_transformers():
-    code = "import sys, selattn_ext; assert 'transformers' not in sys.modules, 'imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    _run_python("import sys, selattn_ext; assert 'transformers' not in sys.modules, 'imported'")
 
 
 def test_missing_transformers_gives_clear_import_error():
@@ -108,7 +114,7 @@ def test_missing_transformers_gives_clear_import_error():
             "    assert 'pip install' in str(e), e\n"
             "else:\n"
             "    raise SystemExit('no ImportError')\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    _run_python(code)
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,6 +390,20 @@ def test_pruned_cache_with_another_attention_is_rejected():
 def test_bad_budget_is_rejected(budget):
     with pytest.raises(ValueError, match="budget"):
         SelectivePrunedCache(budget=budget)
+
+
+@pytest.mark.parametrize("prefill_chunk", [0, -2, 1.5])
+def test_bad_prefill_chunk_is_rejected(prefill_chunk):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        SelectivePrunedCache(budget=4, prefill_chunk=prefill_chunk)
+
+
+def test_default_prefill_chunk_is_at_most_the_budget():
+    model = make_model(torch.float32)
+    with torch.no_grad():
+        cache = SelectivePrunedCache(budget=[3, 200])
+        forward_step(model, prompt(n=10), cache)
+    assert [layer.kv_cache.max_chunk for layer in cache.layers] == [3, 128]
 
 
 def test_beam_search_is_rejected():

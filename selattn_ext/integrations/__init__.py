@@ -2,5 +2,5 @@
 
 Each submodule imports its library on import, so ``import selattn_ext`` never does:
 
-    selattn_ext.integrations.transformers   # Hugging Face transformers: attn_implementation="selective"
+    selattn_ext.integrations.transformers   # HF transformers: attn_implementation="selective"
 """

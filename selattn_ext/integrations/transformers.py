@@ -3,7 +3,8 @@
     from selattn_ext.integrations.transformers import SelectivePrunedCache, register
     register()
     model = LlamaForCausalLM.from_pretrained(path, attn_implementation="selective")
-    model.generate(ids, past_key_values=SelectivePrunedCache(budget=256), max_new_tokens=64)
+    model.generate(ids, cache=SelectivePrunedCache(budget=256), max_new_tokens=64)
+    # (older transformers 5.x name the argument past_key_values=)
 
 ``register()`` adds the attention function to ``transformers.AttentionInterface`` and a mask
 function to ``AttentionMaskInterface`` under the name ``"selective"``. Any model that dispatches
@@ -24,6 +25,10 @@ causal raise ``ValueError`` instead of being silently ignored. For right-padded 
 batches pass ``attention_mask=None``: with causal attention the padding after a sequence never
 affects that sequence's own tokens (ignore the padded positions' outputs, e.g. labels = -100).
 
+Not supported (each raises): beam search and num_return_sequences > 1 with a pruned cache,
+assisted generation (the cache cannot be cropped), cache offloading, output_attentions,
+attention dropout, softcapping / sinks / sliding windows.
+
 Transformers is an optional dependency: importing this module imports it, ``import
 selattn_ext`` does not.
 """
@@ -41,7 +46,7 @@ try:
     from transformers import AttentionInterface
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
-except ImportError as exc:  # pragma: no cover - exercised only without transformers installed
+except ImportError as exc:
     raise ImportError(
         "selattn_ext.integrations.transformers needs Hugging Face transformers >= 5 "
         "(pip install 'transformers>=5'); the rest of selattn_ext works without it"
@@ -54,7 +59,7 @@ __all__ = ["ATTN_IMPLEMENTATION", "SelectivePrunedCache", "SelectivePrunedLayer"
 
 ATTN_IMPLEMENTATION = "selective"
 SEL_HEAD = 0
-DEFAULT_PREFILL_CHUNK = 128
+MAX_DEFAULT_PREFILL_CHUNK = 128
 
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
     raise ImportError(f"selattn_ext.integrations.transformers needs transformers >= 5, found "
@@ -195,9 +200,10 @@ class SelectivePrunedLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, budget: int, tau: Optional[float] = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: Optional[int] = None):
         super().__init__()
-        self.budget, self.tau, self.prefill_chunk = budget, tau, prefill_chunk
+        self.budget, self.tau = budget, tau
+        self.prefill_chunk = prefill_chunk or min(budget, MAX_DEFAULT_PREFILL_CHUNK)
         self.kv_cache = None
         self.seen = 0  # absolute tokens added so far (the next token's position)
         self._pending: Optional[Tuple[Tensor, Tensor]] = None
@@ -305,17 +311,18 @@ class SelectivePrunedCache(Cache):
         tau: optional threshold: also evict every token whose F exceeds ``tau`` (per layer list
             accepted too).
         prefill_chunk: tokens per ``selattn_ext.decode`` call when a forward brings several
-            (the prompt). Evictions happen between chunks, so ``prefill_chunk=1`` reproduces
-            token-by-token decoding exactly even when the prompt exceeds the budget; larger
-            chunks are faster, and identical whenever nothing is evicted (budget >= length,
-            no tau). The cache holds ``budget + prefill_chunk`` slots per sequence.
+            (the prompt); default ``min(budget, 128)`` per layer. Evictions happen between
+            chunks, so ``prefill_chunk=1`` reproduces token-by-token decoding exactly even when
+            the prompt exceeds the budget; larger chunks are faster, and give the same result
+            whenever nothing is evicted (budget >= length, no tau). Each layer's cache holds
+            ``budget + prefill_chunk`` slots per sequence.
 
     ``get_seq_length()`` is the number of tokens seen (absolute positions), not the number kept.
     """
 
     def __init__(self, budget: Union[int, Sequence[int]], tau: Union[None, float,
                  Sequence[Optional[float]]] = None, *,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: Optional[int] = None):
         budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
         if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
                               for b in budgets):
@@ -325,7 +332,8 @@ class SelectivePrunedCache(Cache):
         if taus is not None and not taus:
             raise ValueError("SelectivePrunedCache: tau must be None, a number or a non-empty "
                              "list")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int)
+                                          or isinstance(prefill_chunk, bool) or prefill_chunk < 1):
             raise ValueError(f"SelectivePrunedCache: prefill_chunk must be a positive int, got "
                              f"{prefill_chunk!r}")
         super().__init__(layers=[])
@@ -346,7 +354,7 @@ class SelectivePrunedCache(Cache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args,
                **kwargs) -> Tuple[Tensor, Tensor]:
-        """Stages the new keys/values of ``layer_idx`` and returns them unchanged (see module doc)."""
+        """Stages the new keys/values of ``layer_idx``; returns them unchanged (see module doc)."""
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
         for layer in self.layers:  # catches a non-selective attention at the next layer
