@@ -406,6 +406,19 @@ def test_default_prefill_chunk_is_at_most_the_budget():
     assert [layer.kv_cache.max_chunk for layer in cache.layers] == [3, 128]
 
 
+def test_sampling_several_sequences_with_a_fresh_cache():
+    model = make_model()
+    ids = prompt(batch=1, n=6)
+    cache = SelectivePrunedCache(budget=4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             num_return_sequences=3, max_new_tokens=5, pad_token_id=0,
+                             **{CACHE_KW: cache})
+    assert out.shape == (3, 11)
+    assert [[len(kept) for kept in layer] for layer in cache.positions()] == [[4] * 3] * 2
+
+
 def test_beam_search_is_rejected():
     model = make_model()
     with torch.no_grad(), pytest.raises(NotImplementedError):

@@ -25,9 +25,10 @@ causal raise ``ValueError`` instead of being silently ignored. For right-padded 
 batches pass ``attention_mask=None``: with causal attention the padding after a sequence never
 affects that sequence's own tokens (ignore the padded positions' outputs, e.g. labels = -100).
 
-Not supported (each raises): beam search and num_return_sequences > 1 with a pruned cache,
-assisted generation (the cache cannot be cropped), cache offloading, output_attentions,
-attention dropout, softcapping / sinks / sliding windows.
+Not supported (each raises): beam search with a pruned cache (it cannot be reordered),
+assisted generation (it cannot be cropped), cache offloading, output_attentions, attention
+dropout, softcapping / sinks / sliding windows. Sampling with num_return_sequences > 1 works
+(the fresh cache is created at the expanded batch size).
 
 Transformers is an optional dependency: importing this module imports it, ``import
 selattn_ext`` does not.
@@ -291,8 +292,8 @@ class SelectivePrunedLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.seen:
-            raise NotImplementedError("SelectivePrunedCache cannot be expanded after use "
-                                      "(num_return_sequences > 1 / beam search)")
+            raise NotImplementedError("SelectivePrunedCache cannot be expanded along the batch "
+                                      "after use; pass a fresh cache to generate()")
 
     def batch_select_indices(self, indices: Tensor) -> None:
         raise NotImplementedError("SelectivePrunedCache does not support batch selection")
