@@ -247,6 +247,32 @@ def test_ragged_lengths(device, budget):
                                        atol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_schedules(device, seed):
+    # Varying chunk sizes, ragged lengths, budgets, tau and head layouts against the eager loop.
+    gen = torch.Generator().manual_seed(100 + seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
+    hkv = rand(1, 2)
+    hq = hkv * rand(1, 3)
+    b, d, max_chunk = rand(1, 3), 8 * rand(1, 4), rand(1, 6)
+    budget = rand(1, 12)
+    tau = None if seed % 2 else float(torch.rand((), generator=gen)) * 4
+    sel_head = rand(-hq, hq - 1)
+    cache = SelectiveKVCache(b, hkv, d, budget, max_chunk=max_chunk, tau=tau,
+                             dtype=torch.float64, device=device)
+    ref = ReferenceKVCache(budget, tau=tau, sel_head=sel_head)
+    for step in range(12):
+        c = rand(1, max_chunk)
+        q, k, v = make_inputs(b, hq, hkv, c, d, device=device, seed=1000 * seed + step)
+        lengths = [rand(0, c) for _ in range(b)] if step % 3 == 2 else None
+        out = decode(q, k, v, cache, sel_head=sel_head, lengths=lengths)
+        ref_out = ref.step(q, k, v, lengths=lengths)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        assert cache.positions() == ref.positions()
+        assert cache.seq_lengths == [s["length"] for s in ref.seqs]
+
+
 # ------------------------------------------------------------------------------------------
 # Storage
 # ------------------------------------------------------------------------------------------
