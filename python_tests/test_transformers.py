@@ -181,6 +181,27 @@ def test_training_gradients_match_reference():
         torch.testing.assert_close(ours[name], oracle[name], rtol=1e-7, atol=1e-9, msg=name)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(torch.float64).train()
+    ids = prompt(n=12)
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        assert model.is_activation_checkpointing
+    else:  # older transformers 5.x
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_training_step_fp32_updates_and_lowers_loss():
     model = make_model(torch.float32).train()
     ids = prompt(batch=4, n=16)
@@ -371,6 +392,18 @@ def test_packed_sequences_are_rejected():
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
     with torch.no_grad(), pytest.raises(ValueError, match="plain causal"):
         model(ids, position_ids=position_ids, use_cache=False)
+
+
+def test_attention_dropout_and_output_attentions_are_rejected():
+    model = make_model().train()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        model(prompt(n=6), use_cache=False)
+    model.eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot return attention weights"):
+        model(prompt(n=6), use_cache=False, output_attentions=True)
 
 
 def test_generation_with_a_plain_dynamic_cache_is_rejected():
