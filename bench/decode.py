@@ -212,7 +212,8 @@ def markdown(rows, meta) -> str:
              f"commit {meta['commit']}", "",
              f"B={meta['batch']} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
              f"{meta['dtype']}, torch threads {meta['threads']}, medians of {meta['reps']} "
-             f"alternating runs x {meta['inner']} steps."
+             f"alternating runs x {meta['inner']} steps; load average at the end "
+             f"{meta['load_average']} on {meta['cpu_count']} CPUs."
              + (f" Copy bandwidth {meta['copy_gb_per_s']:.0f} GB/s." if meta.get("copy_gb_per_s")
                 else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -236,8 +237,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--inner", type=int, default=5, help="steps per timed run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (CPU; default: torch's choice)")
     ap.add_argument("--out", default=None, help="directory for JSON + markdown results")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.n is None:
@@ -253,14 +258,17 @@ def main():
                 commit=git_commit(), batch=args.batch, heads=args.heads,
                 kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
                 threads=torch.get_num_threads(), reps=args.reps, inner=args.inner,
-                torch=torch.__version__, copy_gb_per_s=bw)
+                torch=torch.__version__, copy_gb_per_s=bw,
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                cpu_count=os.cpu_count())
     md = markdown(rows, meta)
     print()
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H%M%S")
         stem = os.path.join(args.out, f"decode_{args.device}_{slug(meta['machine'])}_"
-                                      f"{meta['date']}_{meta['commit']}")
+                                      f"{meta['date']}T{stamp}_{meta['commit']}")
         with open(stem + ".json", "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)
         with open(stem + ".md", "w") as fh:

@@ -232,6 +232,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
 // ============================================================================================
 namespace {
 
+// True when every row of t starts on a 16-byte boundary (what the CUDA kernels load).
+bool aligned16(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && (t.stride(d) * t.element_size()) % 16 != 0) return false;
+  return true;
+}
+
 void check_state(const char* name, const Tensor& t, at::ScalarType dtype,
                  at::IntArrayRef expected, const char* layout, const Tensor& q) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "selattn: ", name, " must be ", dtype, ", got ",
@@ -299,6 +307,12 @@ void check_decode_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   }
   if (q.is_cuda()) {
 #ifdef SELATTN_WITH_CUDA
+    TORCH_CHECK_VALUE(B <= 65535, "selattn: CUDA decode supports batch sizes up to 65535, got ",
+                      B);
+    for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k_cache", k_cache},
+                           {"v_cache", v_cache}})
+      TORCH_CHECK_VALUE(aligned16(t), "selattn: ", name, " rows must be 16-byte aligned (use ",
+                        "the tensors of a SelectiveKVCache)");
     TORCH_CHECK_VALUE(cuda::decode_supported(to_dtype(q.scalar_type()), D),
                       "selattn: no CUDA decode kernel for head_dim ", D, " with dtype ",
                       q.scalar_type(), " (CUDA decode supports head_dim 32, 64, 96, 128, 256)");
@@ -354,6 +368,13 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   if (q.is_cuda()) {
 #ifdef SELATTN_WITH_CUDA
     c10::cuda::CUDAGuard guard(q.device());
+    // The kernels read rows as 16-byte vectors: re-lay out new-token inputs that are not
+    // aligned that way (rare views); the cache tensors are ours and always are.
+    Tensor q_a = aligned16(q) ? q : q.contiguous();
+    Tensor k_a = aligned16(k) ? k : k.contiguous();
+    Tensor v_a = aligned16(v) ? v : v.contiguous();
+    p = make_decode_params(q_a, k_a, v_a, k_cache, v_cache, f, pos, seq_len, lengths_t, out,
+                           scale, sel_head, budget, tau);
     const size_t bytes = cuda::decode_workspace_bytes(p);
     Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
                           q.options().dtype(at::kByte));

@@ -11,9 +11,22 @@ import selattn_ext
 from selattn_ext import SelectiveKVCache, decode
 from selattn_ext.reference import ReferenceKVCache, attention as reference_attention
 
-DEVICES = ["cpu"]
+DEVICES = [pytest.param("cpu", id="cpu")]
 if torch.cuda.is_available():
-    DEVICES.append(pytest.param("cuda", marks=pytest.mark.cuda))
+    DEVICES.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+
+
+def pytest_generate_tests(metafunc):
+    # A `device` argument runs on the CPU always and on CUDA when present. The suite's
+    # python_tests/conftest.py does the same for every module; this covers running the module
+    # without it, and stands aside when it is there (parametrising twice is an error).
+    if "device" not in metafunc.fixturenames:
+        return
+    for plugin in metafunc.config.pluginmanager.get_plugins():
+        if (str(getattr(plugin, "__file__", "")).endswith("conftest.py")
+                and hasattr(plugin, "pytest_generate_tests")):
+            return
+    metafunc.parametrize("device", DEVICES)
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -49,7 +62,6 @@ def run_chunks(q, k, v, cache, chunk, *, sel_head=0, scale=None, ref=None, on_st
 # No eviction: decoding must reproduce the prefill op at every position.
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 2, 5, 16])
 @pytest.mark.parametrize("hq,hkv,sel_head", [(2, 2, 0), (4, 2, 3), (6, 1, -2)])
 def test_matches_prefill_fp64(device, chunk, hq, hkv, sel_head):
@@ -66,7 +78,24 @@ def test_matches_prefill_fp64(device, chunk, hq, hkv, sel_head):
     assert cache.seq_lengths == [n] * b
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_matches_fused_prefill_op(device, chunk):
+    # The same check against the package's own prefill op (selattn_ext.attention), once its
+    # kernel for this device is built.
+    b, hq, hkv, n, d = 2, 4, 2, 30, 32
+    q, k, v = make_inputs(b, hq, hkv, n, d, device=device, seed=40 + chunk)
+    try:
+        expected = selattn_ext.attention(q, k, v, sel_head=1)
+    except RuntimeError as err:
+        if "not built yet" in str(err):
+            pytest.skip("the fused prefill kernel is not built in this checkout")
+        raise
+    cache = SelectiveKVCache(b, hkv, d, budget=n, max_chunk=chunk, dtype=torch.float64,
+                             device=device)
+    out = run_chunks(q, k, v, cache, chunk, sel_head=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_matches_prefill_low_precision(device, dtype, chunk):
@@ -82,7 +111,6 @@ def test_matches_prefill_low_precision(device, dtype, chunk):
     assert err <= 2 * eager_err + 1e-5, (err, eager_err)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs(device):
     # (B, c, H, D) projections passed as .transpose(1, 2): no copy needed, same result.
     b, hq, hkv, n, d = 2, 4, 2, 12, 16
@@ -98,7 +126,6 @@ def test_strided_inputs(device):
 # Eviction: against the literal eager loop of §3.
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("budget,chunk", [(6, 1), (8, 3), (5, 5), (16, 2)])
 @pytest.mark.parametrize("hq,hkv,sel_head", [(2, 2, 0), (4, 2, 1), (6, 1, 5)])
 def test_eviction_matches_reference_loop(device, budget, chunk, hq, hkv, sel_head):
@@ -122,7 +149,6 @@ def test_eviction_matches_reference_loop(device, budget, chunk, hq, hkv, sel_hea
     assert (out - full).abs().max() > 1e-8
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_tau_mode(device, chunk):
     b, hq, hkv, n, d, budget, tau = 2, 4, 2, 40, 16, 20, 2.0
@@ -144,7 +170,6 @@ def test_tau_mode(device, chunk):
     assert min(sizes[-3:]) < budget
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_negative_tau_keeps_only_bos_and_nothing_breaks(device):
     b, hq, hkv, n, d = 1, 2, 1, 10, 8
     q, k, v = make_inputs(b, hq, hkv, n, d, device=device, seed=2)
@@ -155,7 +180,6 @@ def test_negative_tau_keeps_only_bos_and_nothing_breaks(device):
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_budget_one(device, chunk):
     b, hq, hkv, n, d = 2, 2, 2, 17, 8
@@ -178,7 +202,6 @@ def test_budget_one(device, chunk):
         torch.testing.assert_close(out[:, :, 1:], expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_bos_never_evicted_on_ties(device):
     # Selection logits all negative: F = 0 everywhere, so every eviction is a tie and must go to
     # the oldest position other than BOS (position 0, the oldest of all).
@@ -195,7 +218,6 @@ def test_bos_never_evicted_on_ties(device):
     assert bool((cache.f == 0).all())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_bos_kept_when_its_key_is_selected_hardest(device):
     # BOS gets no F by definition even when the selection head points at it; the rest are pruned.
     b, hq, hkv, n, d, budget = 1, 2, 1, 30, 8, 3
@@ -213,7 +235,6 @@ def test_bos_kept_when_its_key_is_selected_hardest(device):
 # Ragged batches
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("budget", [6, 64])
 def test_ragged_lengths(device, budget):
     b, hq, hkv, d, chunk = 3, 4, 2, 16, 4
@@ -247,11 +268,35 @@ def test_ragged_lengths(device, budget):
                                        atol=1e-10)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_schedules(device, seed):
+    # Varying chunk sizes, ragged lengths, budgets, tau and head layouts against the eager loop.
+    gen = torch.Generator().manual_seed(100 + seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
+    hkv = rand(1, 2)
+    hq = hkv * rand(1, 3)
+    b, d, max_chunk = rand(1, 3), 8 * rand(1, 4), rand(1, 6)
+    budget = rand(1, 12)
+    tau = None if seed % 2 else float(torch.rand((), generator=gen)) * 4
+    sel_head = rand(-hq, hq - 1)
+    cache = SelectiveKVCache(b, hkv, d, budget, max_chunk=max_chunk, tau=tau,
+                             dtype=torch.float64, device=device)
+    ref = ReferenceKVCache(budget, tau=tau, sel_head=sel_head)
+    for step in range(12):
+        c = rand(1, max_chunk)
+        q, k, v = make_inputs(b, hq, hkv, c, d, device=device, seed=1000 * seed + step)
+        lengths = [rand(0, c) for _ in range(b)] if step % 3 == 2 else None
+        out = decode(q, k, v, cache, sel_head=sel_head, lengths=lengths)
+        ref_out = ref.step(q, k, v, lengths=lengths)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        assert cache.positions() == ref.positions()
+        assert cache.seq_lengths == [s["length"] for s in ref.seqs]
+
+
 # ------------------------------------------------------------------------------------------
 # Storage
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_memory_independent_of_length(device, dtype):
     b, hq, hkv, d, budget, chunk = 2, 4, 2, 32, 16, 4
@@ -271,7 +316,6 @@ def test_memory_independent_of_length(device, dtype):
     assert all(len(p) == budget and p[0] == 0 for p in cache.positions())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_reset(device):
     b, hq, hkv, n, d = 2, 2, 1, 20, 8
     q, k, v = make_inputs(b, hq, hkv, n, d, device=device, seed=4)
@@ -395,7 +439,6 @@ def test_raw_op_rejects_integer_and_mismatched_tensors():
 # Op registration
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_lengths,tau", [(False, None), (True, 0.5)])
 def test_opcheck(device, with_lengths, tau):
     b, hq, hkv, d, budget, chunk = 2, 4, 2, 16, 3, 2
@@ -407,3 +450,24 @@ def test_opcheck(device, with_lengths, tau):
     args = (q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], cache.k_cache, cache.v_cache, cache.f,
             cache.pos, cache.seq_len, lengths, d ** -0.5, 1, budget, tau)
     torch.library.opcheck(torch.ops.selattn.decode_step.default, args)
+
+
+def test_torch_compile_fullgraph():
+    # The mutating op traces under torch.compile (fake impl + schema aliasing), through the
+    # public wrapper, and keeps the cache state identical to eager.
+    b, hq, hkv, d, budget = 1, 4, 2, 16, 4
+    compiled_cache = SelectiveKVCache(b, hkv, d, budget, dtype=torch.float64)
+    eager_cache = SelectiveKVCache(b, hkv, d, budget, dtype=torch.float64)
+
+    @torch.compile(fullgraph=True)
+    def step(q, k, v):
+        return decode(q, k, v, compiled_cache) * 2
+
+    q, k, v = make_inputs(b, hq, hkv, 8, d, seed=12)
+    for t in range(8):
+        sl = slice(t, t + 1)
+        got = step(q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        want = decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], eager_cache) * 2
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert compiled_cache.positions() == eager_cache.positions()
+    assert len(compiled_cache.positions()[0]) == budget

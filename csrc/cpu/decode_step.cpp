@@ -6,7 +6,8 @@
 //      F offsets (with +inf for keys a query must not see), update F and evict. Eviction only
 //      frees slots (pos = -1) and never overwrites k/v, so the attention below still reads the
 //      keys that were in C during this step.
-//   2. per (sequence, query head): softmax attention of the chunk queries with those offsets.
+//   2. per (sequence, kv head): softmax attention of the chunk queries of the kv head's g query
+//      heads with those offsets (split further only when there are fewer groups than threads).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -82,17 +83,15 @@ void dot4(const A* a, const A* const* b, int64_t n, A* out) {
     for (int r = 0; r < 4; ++r) out[r] += a[i] * b[r][i];
 }
 
-// y += alpha0 * x0 + alpha1 * x1
+// y += alpha * x
 template <typename A>
-void axpy2(A alpha0, const A* x0, A alpha1, const A* x1, A* y, int64_t n) {
+void axpy(A alpha, const A* x, A* y, int64_t n) {
   using Vec = at::vec::Vectorized<A>;
-  const Vec va0(alpha0), va1(alpha1);
+  const Vec va(alpha);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec t = at::vec::fmadd(va0, Vec::loadu(x0 + i), Vec::loadu(y + i));
-    at::vec::fmadd(va1, Vec::loadu(x1 + i), t).store(y + i);
-  }
-  for (; i < n; ++i) y[i] += alpha0 * x0[i] + alpha1 * x1[i];
+  for (; i + Vec::size() <= n; i += Vec::size())
+    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
 template <typename T>
@@ -216,68 +215,93 @@ struct Step {
     });
   }
 
-  // Softmax attention of one query row over the slots; `ot` holds its F offsets (+inf where
-  // the key is not visible). Masked slots are skipped by value, never read into the sums, so
-  // stale data in free slots cannot leak in.
-  void attend_row(const A* qr, int64_t b, int64_t hk, const A* ot, A* logits, A* kbuf,
-                  A* vbuf, A* acc, T* o) const {
+  // Softmax attention of rows [r0, r1) of one kv group over the slots. Row r is query head
+  // hk * g + r / m at chunk token r % m, so the g heads that share a kv head (GQA) read each
+  // key and value row once per task instead of once per head. Masked slots (offset +inf) get
+  // probability exactly 0 and their k/v are never accumulated, so stale data in free slots
+  // cannot leak in.
+  void attend_rows(int64_t b, int64_t hk, int64_t r0, int64_t r1, std::vector<A>& qbuf,
+                   std::vector<A>& logits, std::vector<A>& acc, std::vector<A>& kbuf,
+                   std::vector<A>& vbuf) const {
     using Vec = at::vec::Vectorized<A>;
     constexpr A kInf = std::numeric_limits<A>::infinity();
+    const int64_t m = n_new[b], R = r1 - r0;
     const A scale = static_cast<A>(p.scale);
+    const A* off = offsets.data() + b * c * S;
+    qbuf.resize(R * D), logits.resize(R * S), acc.assign(R * D, A(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = hk * g + (r0 + r) / m, t = (r0 + r) % m;
+      const A* qr = as_acc(q_row(b, h, t), qbuf.data() + r * D, D);
+      if (qr != qbuf.data() + r * D) std::copy(qr, qr + D, qbuf.data() + r * D);
+    }
     int64_t j = 0;
     for (; j + 4 <= S; j += 4) {
       const A* rows[4];
-      for (int r = 0; r < 4; ++r) rows[r] = as_acc(k_cache_row(b, hk, j + r), kbuf + r * D, D);
-      dot4(qr, rows, D, logits + j);
+      for (int k = 0; k < 4; ++k) rows[k] = as_acc(k_cache_row(b, hk, j + k), kbuf.data() + k * D, D);
+      for (int64_t r = 0; r < R; ++r) dot4(qbuf.data() + r * D, rows, D, logits.data() + r * S + j);
     }
-    for (; j < S; ++j) logits[j] = dot(qr, as_acc(k_cache_row(b, hk, j), kbuf, D), D);
-    A mx = -kInf;
-    for (j = 0; j < S; ++j) {
-      logits[j] = ot[j] == kInf ? -kInf : scale * logits[j] - ot[j];
-      mx = std::max(mx, logits[j]);
+    for (; j < S; ++j) {
+      const A* kr = as_acc(k_cache_row(b, hk, j), kbuf.data(), D);
+      for (int64_t r = 0; r < R; ++r) logits[r * S + j] = dot(qbuf.data() + r * D, kr, D);
     }
-    // The query's own token is always visible with a finite logit: mx is finite, denom >= 1.
-    const Vec vmx(mx);
-    for (j = 0; j + Vec::size() <= S; j += Vec::size())
-      (Vec::loadu(logits + j) - vmx).exp().store(logits + j);
-    for (; j < S; ++j) logits[j] = std::exp(logits[j] - mx);
-    std::fill(acc, acc + D, A(0));
-    A denom = 0;
-    int64_t pending = -1;  // visible keys are accumulated two at a time
-    for (j = 0; j < S; ++j) {
-      if (ot[j] == kInf) continue;
-      denom += logits[j];
-      if (pending < 0) {
-        pending = j;
-        continue;
+    std::vector<A> denom(R);
+    for (int64_t r = 0; r < R; ++r) {
+      A* lg = logits.data() + r * S;
+      const A* ot = off + ((r0 + r) % m) * S;
+      A mx = -kInf;
+      for (j = 0; j < S; ++j) {
+        lg[j] = ot[j] == kInf ? -kInf : scale * lg[j] - ot[j];
+        mx = std::max(mx, lg[j]);
       }
-      axpy2(logits[pending], as_acc(v_cache_row(b, hk, pending), vbuf, D), logits[j],
-            as_acc(v_cache_row(b, hk, j), vbuf + D, D), acc, D);
-      pending = -1;
+      // The query's own token is always visible with a finite logit: mx is finite.
+      const Vec vmx(mx);
+      for (j = 0; j + Vec::size() <= S; j += Vec::size())
+        (Vec::loadu(lg + j) - vmx).exp().store(lg + j);
+      for (; j < S; ++j) lg[j] = std::exp(lg[j] - mx);
+      A sum = 0;
+      for (j = 0; j < S; ++j) sum += ot[j] == kInf ? A(0) : lg[j];
+      denom[r] = sum;  // >= 1: the maximum contributes exp(0)
     }
-    if (pending >= 0)
-      axpy2(logits[pending], as_acc(v_cache_row(b, hk, pending), vbuf, D), A(0),
-            as_acc(v_cache_row(b, hk, pending), vbuf, D), acc, D);
-    const A inv = A(1) / denom;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    // The last token of the chunk sees every key any earlier one does.
+    const A* widest = off + (m - 1) * S;
+    for (j = 0; j < S; ++j) {
+      if (widest[j] == kInf) continue;
+      const A* vr = as_acc(v_cache_row(b, hk, j), vbuf.data(), D);
+      for (int64_t r = 0; r < R; ++r) {
+        if (off[((r0 + r) % m) * S + j] == kInf) continue;
+        axpy(logits[r * S + j], vr, acc.data() + r * D, D);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = hk * g + (r0 + r) / m, t = (r0 + r) % m;
+      T* o = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+             t * p.out_row_stride;
+      const A inv = A(1) / denom[r];
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
+    }
   }
 
   void attend() {
-    at::parallel_for(0, B * Hq, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<A> qbuf(D), kbuf(4 * D), vbuf(2 * D), acc(D), logits(S);
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t b = w / Hq, h = w % Hq;
-        for (int64_t t = 0; t < c; ++t) {
+    // Zero the rows of tokens beyond a sequence's length (ragged batches).
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hq; ++h)
+        for (int64_t t = n_new[b]; t < c; ++t) {
           T* o = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                  t * p.out_row_stride;
-          if (t >= n_new[b]) {
-            std::fill(o, o + D, T(0));
-            continue;
-          }
-          attend_row(as_acc(q_row(b, h, t), qbuf.data(), D), b, h / g,
-                     offsets.data() + (b * c + t) * S, logits.data(), kbuf.data(), vbuf.data(),
-                     acc.data(), o);
+          std::fill(o, o + D, T(0));
         }
+    // Tasks: (sequence, kv head, slice of its g * m rows). Slices only when there are fewer
+    // kv groups than threads (e.g. MQA), since each slice re-reads the group's keys.
+    const int64_t groups = B * Hkv;
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(
+        g * c, (at::get_num_threads() + groups - 1) / groups));
+    at::parallel_for(0, groups * slices, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<A> qbuf, logits, acc, kbuf(4 * D), vbuf(D);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / (Hkv * slices), hk = (w / slices) % Hkv, slice = w % slices;
+        const int64_t R = g * n_new[b];
+        const int64_t r0 = R * slice / slices, r1 = R * (slice + 1) / slices;
+        if (r1 > r0) attend_rows(b, hk, r0, r1, qbuf, logits, acc, kbuf, vbuf);
       }
     });
   }

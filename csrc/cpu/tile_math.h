@@ -29,6 +29,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace selattn::cpu {
@@ -133,12 +134,16 @@ inline void run_dynamic(int64_t n_items, const Body& body) {
   std::atomic<int64_t> counter{0};
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    // MKL called from inside a parallel region may open a nested team per call; keep each
+    // tile GEMM on its calling thread.
+    const int prev_mkl = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t t = begin; t < end; ++t) {
       body([&]() -> int64_t {
         const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
         return i < n_items ? i : -1;
       });
     }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_mkl);
   });
 }
 

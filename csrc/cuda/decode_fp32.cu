@@ -1,0 +1,10 @@
+// Decode kernels for float (all head dims); see decode_kernels.cuh.
+#include "cuda/decode_kernels.cuh"
+
+namespace selattn::cuda::decode {
+
+cudaError_t launch_fp32(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
+  return launch_for_head_dim<float>(p, ws, stream);
+}
+
+}  // namespace selattn::cuda::decode
