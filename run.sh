@@ -13,7 +13,7 @@ py="$venv/bin/python"
 
 [ -x "$py" ] || python3 -m venv "$venv"
 "$py" -m pip install -q --disable-pip-version-check "${SELATTN_TORCH:-torch==2.14.1}" \
-    numpy pytest hypothesis ninja setuptools wheel tqdm
+    numpy pytest hypothesis ninja setuptools wheel tqdm "transformers>=5"
 # `nvcc` on PATH may be a wrapper script; torch needs the real toolkit root to link cudart.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

@@ -11,23 +11,6 @@ import selattn_ext
 from selattn_ext import SelectiveKVCache, decode
 from selattn_ext.reference import ReferenceKVCache, attention as reference_attention
 
-DEVICES = [pytest.param("cpu", id="cpu")]
-if torch.cuda.is_available():
-    DEVICES.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
-
-
-def pytest_generate_tests(metafunc):
-    # A `device` argument runs on the CPU always and on CUDA when present. The suite's
-    # python_tests/conftest.py does the same for every module; this covers running the module
-    # without it, and stands aside when it is there (parametrising twice is an error).
-    if "device" not in metafunc.fixturenames:
-        return
-    for plugin in metafunc.config.pluginmanager.get_plugins():
-        if (str(getattr(plugin, "__file__", "")).endswith("conftest.py")
-                and hasattr(plugin, "pytest_generate_tests")):
-            return
-    metafunc.parametrize("device", DEVICES)
-
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 

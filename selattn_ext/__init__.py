@@ -5,9 +5,9 @@
 See README.md and shared/DESIGN.md for the semantics.
 """
 
-from . import ops, reference
+from . import nn, ops, reference
 from .attention import attention
 from .cache import SelectiveKVCache, decode
 
-__all__ = ["attention", "ops", "reference", "SelectiveKVCache", "decode"]
+__all__ = ["attention", "decode", "nn", "ops", "reference", "SelectiveKVCache"]
 __version__ = "0.1.0"
