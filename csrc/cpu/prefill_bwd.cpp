@@ -106,7 +106,7 @@ void bwd_impl(const PrefillParams& p) {
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
 
-  auto poff = uninit<acc_t>(B * nblk_q * N);
+  auto poff = uninit<fsum_t>(B * nblk_q * N);
   selection_block_prefix<scalar_t, acc_t>(p, kBr, kBc, poff.get());
 
   // Dl[b, h, i] = dout . out - dlse (the dlse term is lse's own gradient, P * dlse).
@@ -141,6 +141,9 @@ void bwd_impl(const PrefillParams& p) {
   int64_t chunks = 1;
   if (B * nblk_k < 4 * nthreads)
     chunks = std::min(Hkv, (4 * nthreads + B * nblk_k - 1) / (B * nblk_k));
+  // Cap the per-thread k / v / dk / dv tiles of a chunk at ~1 MiB of fp32 each.
+  const int64_t max_kv = std::max<int64_t>(1, (int64_t(1) << 18) / (kBc * D));
+  chunks = std::max(chunks, (Hkv + max_kv - 1) / max_kv);
   const int64_t kv_per = (Hkv + chunks - 1) / chunks;
   chunks = (Hkv + kv_per - 1) / kv_per;
 
@@ -155,7 +158,7 @@ void bwd_impl(const PrefillParams& p) {
     auto qsel_buf = uninit<acc_t>(kBr * D);
     auto a_buf = uninit<acc_t>(kBr * kBc);
     auto f_buf = uninit<acc_t>(kBr * kBc);
-    auto run_buf = uninit<acc_t>(kBc);
+    auto run_buf = uninit<fsum_t>(kBc);
     auto dfs_buf = uninit<acc_t>(kBr * kBc);
     auto q_buf = uninit<acc_t>(kBr * D);
     auto do_buf = uninit<acc_t>(kBr * D);

@@ -76,13 +76,16 @@ void fwd_impl(const PrefillParams& p) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t nblk = (N + kBr - 1) / kBr;
 
-  auto poff = uninit<acc_t>(B * nblk * N);
+  auto poff = uninit<fsum_t>(B * nblk * N);
   selection_block_prefix<scalar_t, acc_t>(p, kBr, kBc, poff.get());
 
   // Enough items for dynamic balancing: split heads when there are few (b, I) pairs.
   const int64_t nthreads = at::get_num_threads();
   int64_t chunks = 1;
   if (B * nblk < 4 * nthreads) chunks = std::min(Hq, (4 * nthreads + B * nblk - 1) / (B * nblk));
+  // Cap the per-thread q / output accumulators of a chunk at ~1 MiB of fp32.
+  const int64_t max_heads = std::max<int64_t>(1, (int64_t(1) << 18) / (kBr * D));
+  chunks = std::max(chunks, (Hq + max_heads - 1) / max_heads);
   const int64_t heads_per = (Hq + chunks - 1) / chunks;
   chunks = (Hq + heads_per - 1) / heads_per;
 
@@ -100,7 +103,7 @@ void fwd_impl(const PrefillParams& p) {
     auto ksel_buf = uninit<acc_t>(kBc * D);
     auto a_buf = uninit<acc_t>(kBr * kBc);
     auto f_buf = uninit<acc_t>(kBr * kBc);
-    auto run_buf = uninit<acc_t>(kBc);
+    auto run_buf = uninit<fsum_t>(kBc);
     auto s_buf = uninit<acc_t>(kBr * kBc);
     auto q_buf = uninit<acc_t>(heads_per * kBr * D);
     auto k_buf = uninit<acc_t>(kBc * D);
@@ -116,7 +119,7 @@ void fwd_impl(const PrefillParams& p) {
       const int64_t b = (it / chunks) % B, h0 = (it % chunks) * heads_per;
       const int64_t h1 = std::min(Hq, h0 + heads_per), nh = h1 - h0;
       const int64_t r0 = I * kBr, rows = std::min(kBr, N - r0), end = r0 + rows;
-      const acc_t* poff_row = poff.get() + (b * nblk + I) * N;
+      const fsum_t* poff_row = poff.get() + (b * nblk + I) * N;
 
       int64_t ld_qsel, ld_ksel, ld_k = 0, ld_v = 0;
       const acc_t* qs = load_rows<scalar_t, acc_t>(

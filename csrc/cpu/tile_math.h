@@ -41,11 +41,13 @@ inline void gemm_cm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+#ifndef SELATTN_CPU_PORTABLE_GEMM  // define to test the fallback below
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
   } else {
     if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
   }
+#endif
   // Portable fallback (torch builds without an exported BLAS): plain loops.
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t i = 0; i < m; ++i) {
@@ -160,16 +162,21 @@ inline void selection_cols(int64_t i, int64_t c0, int64_t cols, int64_t* lo, int
   if (*hi < *lo) *hi = *lo;
 }
 
+// F is a long running sum (up to N terms); like torch's CPU cumsum, it is accumulated in double
+// so that its rounding does not dominate the fp32 error of the logits.
+using fsum_t = double;
+
 // F tile of query rows r0.. and key columns c0..: F[r][c] = poff[c] + sum_{r' < r} S[r'][c],
 // with S = relu(A) on 1 <= j < i. `a` holds the scaled selection logits of the tile; `run` is
 // cols elements of scratch.
 template <typename acc_t>
-inline void selection_f_tile(const acc_t* a, int64_t lda, const acc_t* poff, int64_t r0,
+inline void selection_f_tile(const acc_t* a, int64_t lda, const fsum_t* poff, int64_t r0,
                              int64_t c0, int64_t rows, int64_t cols, acc_t* f, int64_t ldf,
-                             acc_t* run) {
-  std::memcpy(run, poff, sizeof(acc_t) * cols);
+                             fsum_t* run) {
+  std::memcpy(run, poff, sizeof(fsum_t) * cols);
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(f + r * ldf, run, sizeof(acc_t) * cols);
+    acc_t* fr = f + r * ldf;
+    for (int64_t c = 0; c < cols; ++c) fr[c] = static_cast<acc_t>(run[c]);
     int64_t lo, hi;
     selection_cols(r0 + r, c0, cols, &lo, &hi);
     const acc_t* ar = a + r * lda;
