@@ -158,7 +158,7 @@ void bwd_impl(const PrefillParams& p) {
     auto qsel_buf = uninit<acc_t>(kBr * D);
     auto a_buf = uninit<acc_t>(kBr * kBc);
     auto f_buf = uninit<acc_t>(kBr * kBc);
-    auto run_buf = uninit<fsum_t>(kBc);
+    auto run_buf = uninit<acc_t>(kBc);
     auto dfs_buf = uninit<acc_t>(kBr * kBc);
     auto q_buf = uninit<acc_t>(kBr * D);
     auto do_buf = uninit<acc_t>(kBr * D);

@@ -36,10 +36,10 @@ inline acc_t subtract_and_max(acc_t* s, const acc_t* f, int64_t valid) {
   for (; c + W <= valid; c += W) {
     Vec x = Vec::loadu(s + c) - Vec::loadu(f + c);
     x.store(s + c);
-    vmax = at::vec::maximum(vmax, x);
+    vmax = at::vec::clamp_min(x, vmax);  // max without NaN checks
   }
   acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+      [](Vec& a, Vec& b) { return at::vec::clamp_min(a, b); }, vmax);
   for (; c < valid; ++c) {
     s[c] -= f[c];
     m = std::max(m, s[c]);
@@ -103,7 +103,7 @@ void fwd_impl(const PrefillParams& p) {
     auto ksel_buf = uninit<acc_t>(kBc * D);
     auto a_buf = uninit<acc_t>(kBr * kBc);
     auto f_buf = uninit<acc_t>(kBr * kBc);
-    auto run_buf = uninit<fsum_t>(kBc);
+    auto run_buf = uninit<acc_t>(kBc);
     auto s_buf = uninit<acc_t>(kBr * kBc);
     auto q_buf = uninit<acc_t>(heads_per * kBr * D);
     auto k_buf = uninit<acc_t>(kBc * D);

@@ -24,6 +24,7 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, fsum
     auto qbuf = uninit<acc_t>(br * D);
     auto kbuf = uninit<acc_t>(bc * D);
     auto abuf = uninit<acc_t>(br * bc);
+    auto colsum = uninit<acc_t>(bc);
     for (int64_t it; (it = next()) >= 0;) {
       const int64_t I = nblk - 1 - it / B, b = it % B;
       const int64_t r0 = I * br, rows = std::min(br, N - r0), end = r0 + rows;
@@ -37,14 +38,14 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, fsum
         const acc_t* kt = load_rows<scalar_t, acc_t>(ksel + b * p.k_sel_batch_stride + c0 * p.k_sel_row_stride,
                                                      p.k_sel_row_stride, cols, D, kbuf.get(), &ldk);
         gemm_rm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), abuf.get(), bc);
-        fsum_t* out = csum + c0;
-        std::fill(out, out + cols, fsum_t(0));
+        acc_t* sums = colsum.get();
+        std::fill(sums, sums + cols, acc_t(0));
         for (int64_t r = 0; r < rows; ++r) {
           int64_t lo, hi;
           selection_cols(r0 + r, c0, cols, &lo, &hi);
-          const acc_t* ar = abuf.get() + r * bc;
-          for (int64_t c = lo; c < hi; ++c) out[c] += std::max<acc_t>(ar[c], acc_t(0));
+          add_relu(abuf.get() + r * bc, lo, hi, sums);
         }
+        for (int64_t c = 0; c < cols; ++c) csum[c0 + c] = sums[c];
       }
     }
   });

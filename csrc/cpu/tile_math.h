@@ -162,9 +162,21 @@ inline void selection_cols(int64_t i, int64_t c0, int64_t cols, int64_t* lo, int
   if (*hi < *lo) *hi = *lo;
 }
 
-// F is a long running sum (up to N terms); like torch's CPU cumsum, it is accumulated in double
-// so that its rounding does not dominate the fp32 error of the logits.
+// Poff (the sum of S over all earlier query blocks, up to N terms) is accumulated in double,
+// like torch's CPU cumsum, so its rounding stays below the fp32 error of the logits; the short
+// sums inside one block stay in acc_t, where they vectorise.
 using fsum_t = double;
+
+// dst[c] += relu(src[c]) for c in [lo, hi).
+template <typename acc_t>
+inline void add_relu(const acc_t* src, int64_t lo, int64_t hi, acc_t* dst) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec zero(acc_t(0));
+  int64_t c = lo;
+  for (; c + Vec::size() <= hi; c += Vec::size())
+    (Vec::loadu(dst + c) + at::vec::clamp_min(Vec::loadu(src + c), zero)).store(dst + c);
+  for (; c < hi; ++c) dst[c] += std::max(src[c], acc_t(0));
+}
 
 // F tile of query rows r0.. and key columns c0..: F[r][c] = poff[c] + sum_{r' < r} S[r'][c],
 // with S = relu(A) on 1 <= j < i. `a` holds the scaled selection logits of the tile; `run` is
@@ -172,15 +184,13 @@ using fsum_t = double;
 template <typename acc_t>
 inline void selection_f_tile(const acc_t* a, int64_t lda, const fsum_t* poff, int64_t r0,
                              int64_t c0, int64_t rows, int64_t cols, acc_t* f, int64_t ldf,
-                             fsum_t* run) {
-  std::memcpy(run, poff, sizeof(fsum_t) * cols);
+                             acc_t* run) {
+  for (int64_t c = 0; c < cols; ++c) run[c] = static_cast<acc_t>(poff[c]);
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* fr = f + r * ldf;
-    for (int64_t c = 0; c < cols; ++c) fr[c] = static_cast<acc_t>(run[c]);
+    std::memcpy(f + r * ldf, run, sizeof(acc_t) * cols);
     int64_t lo, hi;
     selection_cols(r0 + r, c0, cols, &lo, &hi);
-    const acc_t* ar = a + r * lda;
-    for (int64_t c = lo; c < hi; ++c) run[c] += std::max<acc_t>(ar[c], acc_t(0));
+    add_relu(a + r * lda, lo, hi, run);
   }
 }
 
