@@ -10,9 +10,10 @@
 // dk_sel. Because dA is summed over the heads of the item before its two GEMMs, the F path
 // costs 3 small GEMMs per tile, not per head.
 //
-// Workspace: Poff (B * ceil(N / kBr) * N), Dl (B * Hq * N), accumulators in the accumulation
-// type for dq (B * Hq * N * D), dq_sel and dk_sel (B * N * D each) unless the outputs already
-// are that type (fp32 / fp64), and per thread O(kBc * D * heads + kBr * kBc) tiles.
+// Workspace: Poff (B * ceil(N / kBr) * N doubles), Dl (B * Hq * N), accumulators in the
+// accumulation type for dq (B * Hq * N * D), dq_sel and dk_sel (B * N * D each) unless the
+// outputs already are that type (fp32 / fp64), and per thread O(kBc * D * kv heads + kBr * kBc)
+// tiles, the head part capped at ~1 MiB per buffer.
 #include <c10/util/Exception.h>
 
 #include <cmath>

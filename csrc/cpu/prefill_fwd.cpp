@@ -6,8 +6,8 @@
 // head of its chunk, each with its own online-softmax state; so the selection costs one extra
 // small GEMM per tile instead of one per head.
 //
-// Workspace: Poff, B * ceil(N / kBr) * N acc values; per thread O((kBr + kBc) * D * heads +
-// kBr * kBc) scratch. Nothing is N x N.
+// Workspace: Poff, B * ceil(N / kBr) * N doubles; per thread O(kBr * D * heads + (kBr + kBc) * D
+// + kBr * kBc) scratch, the head part capped at ~1 MiB. Nothing is N x N.
 #include <c10/util/Exception.h>
 
 #include <cmath>
