@@ -91,7 +91,7 @@ std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, co
 #ifdef SELATTN_WITH_CUDA
     TORCH_CHECK_VALUE(cuda::prefill_supported(to_dtype(q.scalar_type()), D),
                       "selattn: no CUDA kernel for head_dim ", D, " with dtype ",
-                      q.scalar_type(), " (CUDA supports head_dim 32, 64, 96, 128, 256)");
+                      q.scalar_type(), "");
 #else
     TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
 #endif
