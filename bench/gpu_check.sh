@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU check (shared/GPU_CHECK.md): build in place, CUDA tests, compute-sanitizer memcheck and
+# racecheck, CUDA benchmarks; a pass/fail table last. Run from the repository root:
+#     bench/gpu_check.sh OUTDIR
+# Every step has its own timeout, capped by what is left of a 530 s budget, so the whole run
+# stays under 9 minutes. A failing step is recorded and the script goes on; exit status 1 if any
+# step failed.
+set -u
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=530
+STEPS=()
+RESULTS=()
+
+# run_step NAME MAX_SECONDS COMMAND...: logs to OUT/NAME.log, records pass/fail/timeout/skip.
+run_step() {
+  local name=$1 max=$2
+  shift 2
+  local left=$((START + BUDGET - $(date +%s)))
+  local limit=$((max < left ? max : left))
+  STEPS+=("$name")
+  if ((limit < 10)); then
+    RESULTS+=("SKIP (no time left)")
+    echo "### $name: skipped, no time left"
+    return
+  fi
+  echo "### $name (timeout ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(($(date +%s) - t0))
+  tail -n 25 "$OUT/$name.log"
+  if ((rc == 0)); then
+    RESULTS+=("PASS (${dt}s)")
+  elif ((rc == 124 || rc == 137)); then
+    RESULTS+=("FAIL timeout after ${dt}s")
+  else
+    RESULTS+=("FAIL rc=$rc (${dt}s)")
+  fi
+}
+
+echo "=== versions"
+{
+  date -u
+  git rev-parse --short HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+  nvcc --version 2>/dev/null | tail -n 2 || true
+  $PY -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+  compute-sanitizer --version 2>/dev/null | tail -n 1 || true
+} 2>&1 | tee "$OUT/versions.txt"
+
+run_step build 240 env MAX_JOBS=16 SELATTN_CUDA_ARCHS=90 \
+  $PY -m pip install --no-build-isolation --no-deps -v -e .
+run_step pytest_cuda 150 $PY -m pytest python_tests -x -q -m cuda
+# --error-exitcode makes any sanitizer report fail the step even if the script itself passed.
+# Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees overruns
+# that would otherwise land inside a pooled block.
+run_step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY bench/cuda_sanitize.py
+run_step racecheck 120 compute-sanitizer --tool racecheck --racecheck-report all \
+  --error-exitcode 9 $PY bench/cuda_sanitize.py
+run_step bench_prefill 150 $PY bench/prefill.py --device cuda --out "$OUT"
+if [[ -f bench/decode.py ]]; then
+  run_step bench_decode 60 $PY bench/decode.py --device cuda --out "$OUT"
+fi
+
+echo
+echo "=== key ratios (from the benchmark markdown, if any)"
+for f in "$OUT"/*.md; do
+  [[ -f $f ]] || continue
+  echo "--- $(basename "$f")"
+  head -n 30 "$f"
+done
+
+echo
+echo "=== summary ($(($(date +%s) - START))s total, logs in $OUT)"
+FAILED=0
+for i in "${!STEPS[@]}"; do
+  printf '%-16s %s\n' "${STEPS[$i]}" "${RESULTS[$i]}"
+  [[ ${RESULTS[$i]} == PASS* ]] || FAILED=1
+done
+exit $FAILED
