@@ -13,6 +13,7 @@ tests are python_tests (-m cuda). Exit status 1 on any failure.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -20,9 +21,17 @@ import torch
 import selattn_ext
 from selattn_ext import reference
 
-DEV = "cuda"
+# The device is overridable only to check this script's own logic against the CPU kernels.
+DEV = os.environ.get("SELATTN_SANITIZE_DEVICE", "cuda")
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 # Loose smoke tolerances relative to max|reference| (python_tests holds the strict ones).
-TOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2.5e-2, torch.float16: 5e-3}
 
 failures = []
 
@@ -70,17 +79,26 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
 
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
     q_sel, k_sel = reference.selection_inputs(q, k, sel_head)
-    out, lse = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale)
-    torch.cuda.synchronize()
-    check(name + " out", out, out_ref.detach(), dtype)
-    check(name + " lse", lse, lse_ref.detach(), dtype)
+    # bf16/fp16 at head dims 32/64/96/128 take the tensor-core forward by default; run the SIMT
+    # forward too (the launcher reads SELATTN_CUDA_FORCE_SIMT at every call).
+    has_tc = dtype in (torch.bfloat16, torch.float16) and d in (32, 64, 96, 128)
+    for force_simt in ((False, True) if has_tc else (False,)):
+        os.environ["SELATTN_CUDA_FORCE_SIMT"] = "1" if force_simt else "0"
+        try:
+            out, lse = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale)
+            sync()
+        finally:
+            os.environ.pop("SELATTN_CUDA_FORCE_SIMT")
+        path = " [simt fwd]" if force_simt else (" [tc fwd]" if has_tc else "")
+        check(name + path + " out", out, out_ref.detach(), dtype)
+        check(name + path + " lse", lse, lse_ref.detach(), dtype)
 
     dout = dout64.to(dtype)
     stats = lse.dtype
     dlse = dlse64.to(stats) if with_dlse else None
     dq, dk, dv, dq_sel, dk_sel = selattn_ext.ops.prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse,
                                                              dlse, scale)
-    torch.cuda.synchronize()
+    sync()
     # Selection inputs are views of q and k: their gradients add into those heads.
     sh = sel_head % hq
     dq = dq.clone()
@@ -95,9 +113,9 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
 def decode_cases():
     # Only with a CUDA decode kernel (the decode issue may not have landed yet).
     has_op = hasattr(torch.ops.selattn, "decode_step")
-    has_cuda = has_op and torch._C._dispatch_has_kernel_for_dispatch_key("selattn::decode_step", "CUDA")
+    has_cuda = has_op and torch._C._dispatch_has_kernel_for_dispatch_key("selattn::decode_step", DEV.upper())
     if not has_cuda:
-        print(f"decode: skipped (decode_step op: {has_op}, CUDA kernel: {has_cuda})")
+        print(f"decode: skipped (decode_step op: {has_op}, {DEV} kernel: {has_cuda})")
         return
     from selattn_ext.cache import SelectiveKVCache, decode
 
@@ -112,7 +130,7 @@ def decode_cases():
         cache = SelectiveKVCache(b, hkv, d, n, max_chunk=chunk, dtype=dtype, device=DEV)
         outs = [decode(q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk], cache)
                 for s in range(0, n, chunk)]
-        torch.cuda.synchronize()
+        sync()
         check(f"decode {str(dtype)[6:]} D{d} chunk{chunk}", torch.cat(outs, dim=2), want, dtype)
         # Small budget and a threshold: eviction paths; only finiteness can be checked cheaply.
         cache = SelectiveKVCache(b, hkv, d, 5, max_chunk=chunk, tau=2.0, dtype=dtype, device=DEV)
@@ -120,15 +138,15 @@ def decode_cases():
             out = decode(q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk], cache)
             if not torch.isfinite(out.double()).all():
                 failures.append(f"decode evicting {dtype} D{d}: non-finite output")
-        torch.cuda.synchronize()
+        sync()
         print(f"ok   decode evicting {str(dtype)[6:]} D{d} chunk{chunk} ran")
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
+    if DEV == "cuda" and not torch.cuda.is_available():
         print("no CUDA device")
         return 1
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEV == 'cuda' else DEV}")
     cases = [
         # dtype, B, Hq, Hkv, N, D  (N odd / not a multiple of 32; every head-dim chunk count)
         (torch.float32, 1, 2, 1, 37, 64),
@@ -140,6 +158,10 @@ def main() -> int:
         (torch.bfloat16, 1, 2, 2, 40, 256, False, False),
         (torch.float16, 1, 2, 2, 33, 32),
         (torch.float16, 1, 4, 1, 97, 80, True, True),
+        # tensor-core forward shapes: several 64-row query blocks, GQA, transposed layout
+        (torch.bfloat16, 2, 4, 1, 130, 64),
+        (torch.float16, 1, 2, 2, 129, 96, True),
+        (torch.bfloat16, 1, 2, 2, 64, 32),
     ]
     for c in cases:
         try:

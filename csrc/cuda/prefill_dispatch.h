@@ -1,6 +1,6 @@
-// Host-side interface between the launcher (prefill_launch.cu) and the per-dtype SIMT kernel
-// files (prefill_simt_{fwd,bwd}_<dtype>.cu): workspace layouts and the launch functions.
-// Torch-free.
+// Host-side interface between the launcher (prefill_launch.cu) and the kernel files
+// (prefill_simt_{fwd,bwd}_<dtype>.cu, prefill_tc_fwd_hdim<D>_<dtype>.cu): workspace layouts and
+// the launch functions. Torch-free.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -65,5 +65,11 @@ template <typename T>
 cudaError_t launch_simt_fwd(const PrefillParams& p, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_simt_bwd(const PrefillParams& p, cudaStream_t stream);
+
+// Tensor-core forward, T in {__nv_bfloat16, __half}, kD in {32, 64, 96, 128}, defined by
+// prefill_tc_fwd_hdim<kD>_<dtype>.cu. Needs poff_bytes(p) of workspace and 16-byte aligned rows
+// of q, k, v, q_sel, k_sel (the launcher checks).
+template <typename T, int kD>
+cudaError_t launch_tc_fwd_hdim(const PrefillParams& p, cudaStream_t stream);
 
 }  // namespace selattn::cuda

@@ -1,7 +1,13 @@
 // CUDA prefill launchers (declared in prefill_launch.h): workspace sizes and dispatch on dtype
-// to the kernels. Every dtype and head dim 1..256 has the SIMT path (prefill_simt_*.cu).
+// to the kernels. Every dtype and head dim 1..256 has the SIMT path (prefill_simt_*.cu); the
+// bf16/fp16 forward at head dims 32/64/96/128 takes the tensor-core path (prefill_tc_fwd_*.cu)
+// unless SELATTN_CUDA_FORCE_SIMT=1 is set (read at every call, so tests can compare the two).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/prefill_launch.h"
 #include "cuda/prefill_dispatch.h"
@@ -25,12 +31,46 @@ bool workspace_ok(const PrefillParams& p, size_t needed) {
   return p.workspace != nullptr && p.workspace_bytes >= needed;
 }
 
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
+// aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
+bool tc_fwd_eligible(const PrefillParams& p) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
+  if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 && p.head_dim != 128) return false;
+  const char* force_simt = std::getenv("SELATTN_CUDA_FORCE_SIMT");
+  if (force_simt != nullptr && std::strcmp(force_simt, "1") == 0) return false;
+  const int64_t strides[] = {p.q_batch_stride,     p.q_head_stride,     p.q_row_stride,
+                             p.k_batch_stride,     p.k_head_stride,     p.k_row_stride,
+                             p.v_batch_stride,     p.v_head_stride,     p.v_row_stride,
+                             p.q_sel_batch_stride, p.q_sel_row_stride,  p.k_sel_batch_stride,
+                             p.k_sel_row_stride};
+  for (int64_t s : strides)
+    if (s % 8 != 0) return false;
+  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.q_sel) &&
+         aligned16(p.k_sel);
+}
+
+template <typename T>
+cudaError_t launch_tc_fwd(const PrefillParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return launch_tc_fwd_hdim<T, 32>(p, stream);
+    case 64: return launch_tc_fwd_hdim<T, 64>(p, stream);
+    case 96: return launch_tc_fwd_hdim<T, 96>(p, stream);
+    default: return launch_tc_fwd_hdim<T, 128>(p, stream);
+  }
+}
+
 }  // namespace
 
 cudaError_t prefill_fwd(const PrefillParams& p, cudaStream_t stream) {
   if (!prefill_supported(p.dtype, p.head_dim)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen == 0) return cudaSuccess;
   if (!workspace_ok(p, prefill_fwd_workspace_bytes(p))) return cudaErrorInvalidValue;
+  if (tc_fwd_eligible(p)) {
+    return p.dtype == DType::kBFloat16 ? launch_tc_fwd<__nv_bfloat16>(p, stream)
+                                       : launch_tc_fwd<__half>(p, stream);
+  }
   switch (p.dtype) {
     case DType::kFloat32: return launch_simt_fwd<float>(p, stream);
     case DType::kFloat64: return launch_simt_fwd<double>(p, stream);
