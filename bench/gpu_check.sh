@@ -55,6 +55,8 @@ echo "=== versions"
 
 run_step build 240 env MAX_JOBS=16 SELATTN_CUDA_ARCHS=90 \
   $PY -m pip install --no-build-isolation --no-deps -v -e .
+# Registers / shared memory per kernel, for the record (not a pass/fail step).
+cuobjdump -res-usage selattn_ext/_C*.so >"$OUT/res_usage.txt" 2>&1 || true
 run_step pytest_cuda 150 $PY -m pytest python_tests -x -q -m cuda
 # --error-exitcode makes any sanitizer report fail the step even if the script itself passed.
 # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees overruns
