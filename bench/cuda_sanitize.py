@@ -4,8 +4,9 @@
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/cuda_sanitize.py
 
 Covers the prefill forward and backward (every dtype; head dims 1..256 across the SIMT chunk
-sizes; N not a multiple of the 32-row tiles; GQA; a transposed (B, N, H, D) layout; dlse given
-and null) and, when the op library has a CUDA decode kernel, token-by-token decoding and
+sizes; N not a multiple of the 32/64-row tiles; GQA; a transposed (B, N, H, D) layout; dlse
+given and null; for bf16/fp16 at head dims 32/64/96/128 both the tensor-core and the SIMT
+forward, and the SIMT and the opt-in tensor-core backward) and, when the op library has a CUDA decode kernel, token-by-token decoding and
 chunked prefill through the pruned cache. As a cheap smoke check it also compares every result
 with selattn_ext.reference (fp64) and fails on NaN/inf or a large error; the real accuracy
 tests are python_tests (-m cuda). Exit status 1 on any failure.
@@ -96,18 +97,25 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
     dout = dout64.to(dtype)
     stats = lse.dtype
     dlse = dlse64.to(stats) if with_dlse else None
-    dq, dk, dv, dq_sel, dk_sel = selattn_ext.ops.prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse,
-                                                             dlse, scale)
-    sync()
-    # Selection inputs are views of q and k: their gradients add into those heads.
-    sh = sel_head % hq
-    dq = dq.clone()
-    dk = dk.clone()
-    dq[:, sh] += dq_sel
-    dk[:, sh * hkv // hq] += dk_sel
-    check(name + " dq", dq, leaves[0].grad, dtype)
-    check(name + " dk", dk, leaves[1].grad, dtype)
-    check(name + " dv", dv, leaves[2].grad, dtype)
+    # The tensor-core backward is opt-in (SELATTN_CUDA_TC_BWD=1): run both where it exists.
+    for tc_bwd in ((False, True) if has_tc else (False,)):
+        os.environ["SELATTN_CUDA_TC_BWD"] = "1" if tc_bwd else "0"
+        try:
+            dq, dk, dv, dq_sel, dk_sel = selattn_ext.ops.prefill_bwd(dout, q, k, v, q_sel, k_sel,
+                                                                     out, lse, dlse, scale)
+            sync()
+        finally:
+            os.environ.pop("SELATTN_CUDA_TC_BWD")
+        # Selection inputs are views of q and k: their gradients add into those heads.
+        sh = sel_head % hq
+        dq = dq.clone()
+        dk = dk.clone()
+        dq[:, sh] += dq_sel
+        dk[:, sh * hkv // hq] += dk_sel
+        path = " [tc bwd]" if tc_bwd else (" [simt bwd]" if has_tc else "")
+        check(name + path + " dq", dq, leaves[0].grad, dtype)
+        check(name + path + " dk", dk, leaves[1].grad, dtype)
+        check(name + path + " dv", dv, leaves[2].grad, dtype)
 
 
 def decode_cases():

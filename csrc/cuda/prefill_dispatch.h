@@ -1,5 +1,5 @@
 // Host-side interface between the launcher (prefill_launch.cu) and the kernel files
-// (prefill_simt_{fwd,bwd}_<dtype>.cu, prefill_tc_fwd_hdim<D>_<dtype>.cu): workspace layouts and
+// (prefill_simt_{fwd,bwd}_<dtype>.cu, prefill_tc_{fwd,bwd}_hdim<D>_<dtype>.cu): workspace layouts and
 // the launch functions. Torch-free.
 #pragma once
 
@@ -71,5 +71,10 @@ cudaError_t launch_simt_bwd(const PrefillParams& p, cudaStream_t stream);
 // of q, k, v, q_sel, k_sel (the launcher checks).
 template <typename T, int kD>
 cudaError_t launch_tc_fwd_hdim(const PrefillParams& p, cudaStream_t stream);
+
+// Tensor-core backward, same T and kD, defined by prefill_tc_bwd_hdim<kD>_<dtype>.cu. Needs
+// bwd_layout(p).total of workspace and 16-byte aligned rows of q, k, v, q_sel, k_sel, dout.
+template <typename T, int kD>
+cudaError_t launch_tc_bwd_hdim(const PrefillParams& p, cudaStream_t stream);
 
 }  // namespace selattn::cuda

@@ -270,9 +270,8 @@ cudaError_t launch_store(const A* src, void* dst, int64_t batch, int64_t heads, 
   return cudaGetLastError();
 }
 
-template <typename T, int kNumChunks>
-cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) {
-  using A = acc_t<T>;
+template <typename A>
+BwdAccum<A> bwd_accum(const PrefillParams& p) {
   const BwdLayout layout = bwd_layout(p);
   char* base = static_cast<char*>(p.workspace);
   BwdAccum<A> ws;
@@ -283,7 +282,15 @@ cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) 
   ws.dv = reinterpret_cast<A*>(base + layout.dv);
   ws.dq_sel = reinterpret_cast<A*>(base + layout.dq_sel);
   ws.dk_sel = reinterpret_cast<A*>(base + layout.dk_sel);
+  return ws;
+}
 
+// Before the main backward kernel (SIMT or tensor-core): zero the accumulators, Poff, Dl.
+template <typename T, int kNumChunks>
+cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const BwdLayout layout = bwd_layout(p);
+  char* base = static_cast<char*>(p.workspace);
   if (p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaMemsetAsync(base + layout.accum_begin, 0,
                                     layout.total - layout.accum_begin, stream);
@@ -294,13 +301,15 @@ cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) 
   const int64_t rows = p.batch * p.heads_q * p.seqlen;
   softmax_grad_rowsum_kernel<T><<<unsigned(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(
       p, reinterpret_cast<A*>(base + layout.dl));
+  return cudaGetLastError();
+}
 
-  const dim3 grid(unsigned(num_sel_blocks(p.seqlen)), unsigned(p.heads_q), unsigned(p.batch));
-  constexpr bool kDirect = sizeof(A) == 8 && kNumChunks >= 4;
-  simt_bwd_kernel<T, kNumChunks, kDirect><<<grid, kThreads, 0, stream>>>(p, ws);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
+// After the main backward kernel: accumulators -> the strided output tensors.
+template <typename T>
+cudaError_t bwd_epilogue(const PrefillParams& p, cudaStream_t stream) {
+  const BwdAccum<acc_t<T>> ws = bwd_accum<acc_t<T>>(p);
   const int64_t B = p.batch, N = p.seqlen, D = p.head_dim;
+  cudaError_t err;
   if ((err = launch_store<T>(ws.dq, p.dq, B, p.heads_q, N, D, p.dq_batch_stride, p.dq_head_stride,
                              p.dq_row_stride, stream)) != cudaSuccess)
     return err;
@@ -315,6 +324,18 @@ cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) 
     return err;
   return launch_store<T>(ws.dk_sel, p.dk_sel, B, 1, N, D, p.dk_sel_batch_stride, 0,
                          p.dk_sel_row_stride, stream);
+}
+
+template <typename T, int kNumChunks>
+cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  cudaError_t err = bwd_prologue<T, kNumChunks>(p, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(num_sel_blocks(p.seqlen)), unsigned(p.heads_q), unsigned(p.batch));
+  constexpr bool kDirect = sizeof(A) == 8 && kNumChunks >= 4;
+  simt_bwd_kernel<T, kNumChunks, kDirect><<<grid, kThreads, 0, stream>>>(p, bwd_accum<A>(p));
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  return bwd_epilogue<T>(p, stream);
 }
 
 template <typename T>

@@ -46,7 +46,8 @@ __device__ __forceinline__ void tc_load_rows(T* smem, const T* src, int64_t row_
 }
 
 // acc (16 rows of this warp x 64 keys, as 8 C fragments) = X[warp rows] Y^T over kD.
-template <typename T, int kD>
+// kRollK keeps the k loop rolled (fewer ldmatrix results in flight: for register-tight callers).
+template <typename T, int kD, bool kRollK = false>
 __device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, const T* sy,
                                             int warp, int lane) {
   constexpr int kStride = kD + 8;
@@ -54,7 +55,7 @@ __device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, con
   for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
-#pragma unroll
+#pragma unroll(kRollK ? 1 : kD / 16)
   for (int ks = 0; ks < kD / 16; ++ks) {
     uint32_t a[4];
     ldmatrix_x4(a, sx + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride + ks * 16 +

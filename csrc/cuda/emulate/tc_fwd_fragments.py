@@ -183,5 +183,6 @@ def run(N, D, seed=0):
     assert e1 < 1e-9 and e2 < 1e-9
 
 
-run(70, 32)
-run(130, 16 * 3)
+if __name__ == "__main__":
+    run(70, 32)
+    run(130, 16 * 3)
