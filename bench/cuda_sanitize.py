@@ -38,7 +38,8 @@ failures = []
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    got64 = got.double()
+    got64 = got.double().cpu()
+    want = want.cpu()
     if not torch.isfinite(got64).all():
         failures.append(f"{name}: non-finite values")
         print(f"FAIL {name}: non-finite values")
@@ -54,11 +55,13 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) 
 def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_head=0):
     name = f"prefill {str(dtype)[6:]} B{b} Hq{hq} Hkv{hkv} N{n} D{d}" + (" bnhd" if transposed else "") + (
         "" if with_dlse else " dlse=None")
-    g = torch.Generator(device=DEV).manual_seed(n * 1000 + d)
+    # Inputs and the fp64 oracle live on the CPU: under the sanitizers only our kernels (and a
+    # few copies) run on the GPU, which keeps the instrumented run short.
+    g = torch.Generator().manual_seed(n * 1000 + d)
 
     def rnd(*shape):
         # std 1.5 inputs: logit std ~2, so F reaches well above 1 within a few dozen rows.
-        return 1.5 * torch.randn(*shape, device=DEV, dtype=torch.float64, generator=g)
+        return 1.5 * torch.randn(*shape, dtype=torch.float64, generator=g)
 
     if transposed:  # (B, N, H, D) storage seen as (B, H, N, D): non-contiguous head/row strides
         q64 = rnd(b, n, hq, d).transpose(1, 2)
@@ -78,7 +81,8 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
         loss = loss + (lse_ref * dlse64).sum()
     loss.backward()
 
-    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    # .to(DEV) keeps the (B, N, H, D) strides of the transposed case.
+    q, k, v = (t.to(dtype).to(DEV) for t in (q64, k64, v64))
     q_sel, k_sel = reference.selection_inputs(q, k, sel_head)
     # bf16/fp16 at head dims 32/64/96/128 take the tensor-core forward by default; run the SIMT
     # forward too (the launcher reads SELATTN_CUDA_FORCE_SIMT at every call).
@@ -94,9 +98,9 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
         check(name + path + " out", out, out_ref.detach(), dtype)
         check(name + path + " lse", lse, lse_ref.detach(), dtype)
 
-    dout = dout64.to(dtype)
+    dout = dout64.to(dtype).to(DEV)
     stats = lse.dtype
-    dlse = dlse64.to(stats) if with_dlse else None
+    dlse = dlse64.to(stats).to(DEV) if with_dlse else None
     # The tensor-core backward is opt-in (SELATTN_CUDA_TC_BWD=1): run both where it exists.
     for tc_bwd in ((False, True) if has_tc else (False,)):
         os.environ["SELATTN_CUDA_TC_BWD"] = "1" if tc_bwd else "0"
@@ -129,11 +133,12 @@ def decode_cases():
 
     for dtype, d, chunk in ((torch.float32, 64, 1), (torch.bfloat16, 128, 3), (torch.float64, 16, 2)):
         b, hq, hkv, n = 2, 4, 2, 23
-        g = torch.Generator(device=DEV).manual_seed(7 + d)
-        q, k, v = (1.5 * torch.randn(b, h, n, d, device=DEV, dtype=torch.float64, generator=g)
+        g = torch.Generator().manual_seed(7 + d)
+        q, k, v = (1.5 * torch.randn(b, h, n, d, dtype=torch.float64, generator=g)
                    for h in (hq, hkv, hkv))
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         want = reference.attention(q.double(), k.double(), v.double())
+        q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
         # budget >= n: no eviction, so decoding reproduces the prefill output.
         cache = SelectiveKVCache(b, hkv, d, n, max_chunk=chunk, dtype=dtype, device=DEV)
         outs = [decode(q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk], cache)

@@ -43,6 +43,16 @@ run_step() {
   fi
 }
 
+# require_clean NAME PATTERN: a PASS step whose log lacks PATTERN (the sanitizer's clean summary
+# line) becomes a FAIL, in case a report does not change the exit status.
+require_clean() {
+  local last=$((${#STEPS[@]} - 1))
+  [[ ${STEPS[$last]} == "$1" && ${RESULTS[$last]} == PASS* ]] || return 0
+  if ! grep -Eq "$2" "$OUT/$1.log"; then
+    RESULTS[$last]="FAIL (no clean sanitizer summary in $1.log)"
+  fi
+}
+
 echo "=== versions"
 {
   date -u
@@ -63,8 +73,10 @@ run_step pytest_cuda 150 $PY -m pytest python_tests -x -q -m cuda
 # that would otherwise land inside a pooled block.
 run_step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY bench/cuda_sanitize.py
+require_clean memcheck "ERROR SUMMARY: 0 errors"
 run_step racecheck 120 compute-sanitizer --tool racecheck --racecheck-report all \
   --error-exitcode 9 $PY bench/cuda_sanitize.py
+require_clean racecheck "RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors"
 run_step bench_prefill 150 $PY bench/prefill.py --device cuda --out "$OUT"
 if [[ -f bench/decode.py ]]; then
   run_step bench_decode 60 $PY bench/decode.py --device cuda --out "$OUT"
