@@ -35,9 +35,9 @@ struct TcBwdConfig {
   static constexpr int kStride = kD + 8;        // q/k/v-like tiles (T), conflict-free ldmatrix
   static constexpr int kPStride = kBlockM + 8;  // dL^T, dA^T tiles (T), [key][row]
   static constexpr int kAccStride = kD + 8;     // dKsel (and dK) accumulators (float), [key][d]
-  // At head dim 128, dV + dK register accumulators (128 floats per thread) would spill; dK then
+  // From head dim 96 on, dV + dK register accumulators (96+ floats per thread) spill; dK then
   // accumulates in shared memory like dKsel.
-  static constexpr bool kDkInSmem = kD > 96;
+  static constexpr bool kDkInSmem = kD > 64;
   static constexpr size_t kSmemBytes =
       size_t(3 * kBlockN + 3 * kBlockM) * kStride * sizeof(T) +
       size_t(2 * kBlockN) * kPStride * sizeof(T) + size_t(2 * kBlockM) * sizeof(float) +

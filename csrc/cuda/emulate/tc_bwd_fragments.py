@@ -5,7 +5,7 @@ address, fragment index, scan and mask below is the kernel's own formula. One CT
 block of 64 keys, head); warp w owns keys 16w..16w+15 of the block and computes transposed tiles
 (keys x query rows), so F's cumsum and dS's suffix sum run along each thread's own fragment
 columns. Compared with autograd through selattn_ext.reference in fp64 (no bf16 rounding).
-dK is accumulated in "registers" here; at head dim 128 the kernel keeps it in shared memory
+dK is accumulated in "registers" here; from head dim 96 on the kernel keeps it in shared memory
 with the same per-thread fragment ownership as dKsel (tc_accumulate_xt_y_smem), same sums.
 Run: python csrc/cuda/emulate/tc_bwd_fragments.py
 """
