@@ -77,6 +77,45 @@ require_clean memcheck "ERROR SUMMARY: 0 errors"
 run_step racecheck 120 compute-sanitizer --tool racecheck --racecheck-report all \
   --error-exitcode 9 $PY bench/cuda_sanitize.py
 require_clean racecheck "RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors"
+# Quick look at the paths bench/prefill.py does not separate: tensor-core vs SIMT forward,
+# SIMT vs opt-in tensor-core backward, against causal SDPA (bf16, B1 H16 N4096 D128).
+read -r -d '' QUICK_PERF <<'PYEOF'
+import os, torch, torch.nn.functional as F
+import selattn_ext
+from selattn_ext import ops, reference
+torch.manual_seed(0)
+B, H, N, D = 1, 16, 4096, 128
+q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+qs, ks = reference.selection_inputs(q, k, 0)
+s = D ** -0.5
+out, lse = ops.prefill_fwd(q, k, v, qs, ks, s)
+dout = torch.randn_like(out)
+def ms(fn, reps=10):
+    fn(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+def with_env(name, val, fn):
+    os.environ[name] = val
+    try:
+        return fn()
+    finally:
+        os.environ.pop(name)
+sdpa_f = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+sdpa_b = ms(lambda: torch.autograd.grad(o, (qq, kk, vv), dout, retain_graph=True))
+tc_f = ms(lambda: ops.prefill_fwd(q, k, v, qs, ks, s))
+simt_f = with_env("SELATTN_CUDA_FORCE_SIMT", "1", lambda: ms(lambda: ops.prefill_fwd(q, k, v, qs, ks, s), 3))
+bwd = lambda: ops.prefill_bwd(dout, q, k, v, qs, ks, out, lse, None, s)
+simt_b = ms(bwd, 3)
+tc_b = with_env("SELATTN_CUDA_TC_BWD", "1", lambda: ms(bwd))
+print(f"fwd ms: sdpa {sdpa_f:.3f}  tc {tc_f:.3f} ({tc_f / sdpa_f:.2f}x)  simt {simt_f:.3f} ({simt_f / sdpa_f:.2f}x)")
+print(f"bwd ms: sdpa {sdpa_b:.3f}  tc {tc_b:.3f} ({tc_b / sdpa_b:.2f}x)  simt {simt_b:.3f} ({simt_b / sdpa_b:.2f}x)")
+PYEOF
+run_step quick_perf 90 $PY -c "$QUICK_PERF"
 run_step bench_prefill 150 $PY bench/prefill.py --device cuda --out "$OUT"
 if [[ -f bench/decode.py ]]; then
   run_step bench_decode 60 $PY bench/decode.py --device cuda --out "$OUT"
@@ -89,6 +128,10 @@ for f in "$OUT"/*.md; do
   echo "--- $(basename "$f")"
   head -n 30 "$f"
 done
+
+echo
+echo "=== quick perf"
+grep -E "^(fwd|bwd) ms" "$OUT/quick_perf.log" 2>/dev/null || echo "(none)"
 
 echo
 echo "=== summary ($(($(date +%s) - START))s total, logs in $OUT)"
