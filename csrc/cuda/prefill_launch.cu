@@ -35,13 +35,13 @@ bool workspace_ok(const PrefillParams& p, size_t needed) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
-// aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
 bool env_is_1(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
+// The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
+// aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
 bool tc_fwd_eligible(const PrefillParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 && p.head_dim != 128) return false;
