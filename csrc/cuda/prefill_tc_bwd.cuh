@@ -16,7 +16,7 @@
 //   dKsel += dA^T Qsel                                   (fp32 accumulator in shared memory)
 //   dL^T, dA^T -> shared memory (bf16/fp16), then with warps over query rows:
 //   dQ += dL K,  dQsel += dA Ksel                        (fp32 atomics into the workspace)
-// csrc/cuda/emulate/tc_bwd_fragments.py emulates exactly this, lane by lane, on the CPU.
+// tools/cuda_emulation/prefill/tc_bwd_fragments.py emulates exactly this, lane by lane, on the CPU.
 #pragma once
 
 #include "cuda/prefill_mma.cuh"

@@ -7,7 +7,7 @@ block of 64 keys, head); warp w owns keys 16w..16w+15 of the block and computes 
 columns. Compared with autograd through selattn_ext.reference in fp64 (no bf16 rounding).
 dK is accumulated in "registers" here; from head dim 96 on the kernel keeps it in shared memory
 with the same per-thread fragment ownership as dKsel (tc_accumulate_xt_y_smem), same sums.
-Run: python csrc/cuda/emulate/tc_bwd_fragments.py
+Run: python tools/cuda_emulation/prefill/tc_bwd_fragments.py
 """
 import os
 import sys

@@ -2,7 +2,7 @@
 
 Same loop order (query blocks walked from last to first per key block), same Poff and in-tile
 cumsum for F, same running suffix sum of dL for the F path, same masks; compared with autograd
-through selattn_ext.reference in fp64. Run: python csrc/cuda/emulate/simt_bwd_tiles.py
+through selattn_ext.reference in fp64. Run: python tools/cuda_emulation/prefill/simt_bwd_tiles.py
 Keep it in step with the kernel when the kernel changes.
 """
 import os

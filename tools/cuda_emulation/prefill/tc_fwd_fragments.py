@@ -3,7 +3,7 @@
 ldmatrix / mma.m16n8k16 are modelled from the PTX ISA fragment layouts, and every address and
 fragment index below is the kernel's own formula; the result is compared with
 selattn_ext.reference in fp64. It checks the index math and the shuffle scan without a GPU (not
-the hardware, not rounding). Run: python csrc/cuda/emulate/tc_fwd_fragments.py
+the hardware, not rounding). Run: python tools/cuda_emulation/prefill/tc_fwd_fragments.py
 Keep it in step with the kernel when the kernel changes.
 """
 import numpy as np

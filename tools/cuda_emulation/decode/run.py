@@ -1,6 +1,6 @@
 """Checks the CUDA decode kernels on the CPU by emulation, against the eager reference loop.
 
-    python tools/decode_cuda_emulation/run.py
+    python tools/cuda_emulation/decode/run.py
 
 Strips the CUDA includes and the <<<>>> launchers from csrc/cuda/decode_kernels.cuh, compiles it
 with emu.cpp (g++, C++20, pthreads) and runs random multi-step schedules (chunk sizes, ragged
@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, ROOT)
 from selattn_ext.reference import ReferenceKVCache  # noqa: E402
 
