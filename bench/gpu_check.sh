@@ -119,7 +119,7 @@ PYEOF
 run_step quick_perf 90 $PY -c "$QUICK_PERF"
 run_step bench_prefill 150 $PY bench/prefill.py --device cuda --out "$OUT"
 if [[ -f bench/decode.py ]]; then
-  run_step bench_decode 60 $PY bench/decode.py --device cuda --out "$OUT"
+  run_step bench_decode 60 $PY bench/decode.py --device cuda --dtype bfloat16 --head-dim 128 --batch 16 --n 2048 8192 32768 --reps 5 --out "$OUT"
 fi
 
 echo

@@ -137,7 +137,7 @@ def estimated_nn_bytes(args, n: int) -> int:
 
 def methods_for(args, n: int) -> List[str]:
     ms = ["ours", "naive", "sdpa_fmask", "sdpa_causal"]
-    if args.device == "cuda" and "flex" not in args.skip:
+    if args.device == "cuda" and "flex" not in args.skip and n in args.flex_seqlens:
         ms.insert(3, "flex")
     if args.device == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -239,9 +239,11 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per batch: B = tokens // N (CUDA default 16384)")
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per method (default 7 CPU, 20 CUDA)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per method (default 7 CPU, 10 CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--skip", default="", help="comma list of methods to leave out")
+    p.add_argument("--flex-seqlens", default="4096,8192",
+                   help="CUDA: sequence lengths that also run FlexAttention (each compiles anew)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     p.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
@@ -259,7 +261,8 @@ def parse_args(argv=None):
     args.tokens = args.tokens or (16384 if cuda else None)
     args.batch_for = (lambda n: max(1, args.tokens // n)) if args.tokens else (lambda n: args.batch)
     args.modes = args.modes.split(",")
-    args.reps = args.reps or (20 if cuda else 7)
+    args.reps = args.reps or (10 if cuda else 7)
+    args.flex_seqlens = [int(x) for x in args.flex_seqlens.split(",") if x]
     args.skip = [s for s in args.skip.split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)
