@@ -59,8 +59,12 @@ class Case:
 
 def skip_if_unsupported(device: str, dtype: torch.dtype, head_dim: int) -> None:
     """The CPU path takes every dtype and head_dim <= 256; CUDA only some (ops.cpp says which)."""
-    if device == "cuda" and not _cuda_supports(dtype, head_dim):
+    if not supported(device, dtype, head_dim):
         pytest.skip(f"no CUDA kernel for head_dim {head_dim} / {dtype}")
+
+
+def supported(device: str, dtype: torch.dtype, head_dim: int) -> bool:
+    return device != "cuda" or _cuda_supports(dtype, head_dim)
 
 
 @functools.lru_cache(maxsize=None)
