@@ -3,7 +3,7 @@
 // is Poff plus an exclusive cumsum inside its own query block, so the main passes never need
 // more than one tile of S at a time.
 //
-// Workspace: batch * ceil(N / br) * N values of acc_t (the only O(N^2 / br) memory); entry
+// Workspace: batch * ceil(N / br) * N doubles (fsum_t) (the only O(N^2 / br) memory); entry
 // [b][I][j] is defined for j < min(N, (I + 1) * br).
 #pragma once
 
@@ -12,7 +12,7 @@
 namespace selattn::cpu {
 
 template <typename scalar_t, typename acc_t>
-void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, acc_t* poff) {
+void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, fsum_t* poff) {
   const int64_t B = p.batch, N = p.seqlen, D = p.head_dim;
   const int64_t nblk = (N + br - 1) / br;
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -24,10 +24,11 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, acc_
     auto qbuf = uninit<acc_t>(br * D);
     auto kbuf = uninit<acc_t>(bc * D);
     auto abuf = uninit<acc_t>(br * bc);
+    auto colsum = uninit<acc_t>(bc);
     for (int64_t it; (it = next()) >= 0;) {
       const int64_t I = nblk - 1 - it / B, b = it % B;
       const int64_t r0 = I * br, rows = std::min(br, N - r0), end = r0 + rows;
-      acc_t* csum = poff + (b * nblk + I) * N;
+      fsum_t* csum = poff + (b * nblk + I) * N;
       int64_t ldq, ldk;
       const acc_t* qt = load_rows<scalar_t, acc_t>(qsel + b * p.q_sel_batch_stride + r0 * p.q_sel_row_stride,
                                                    p.q_sel_row_stride, rows, D, qbuf.get(), &ldq);
@@ -37,14 +38,14 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, acc_
         const acc_t* kt = load_rows<scalar_t, acc_t>(ksel + b * p.k_sel_batch_stride + c0 * p.k_sel_row_stride,
                                                      p.k_sel_row_stride, cols, D, kbuf.get(), &ldk);
         gemm_rm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), abuf.get(), bc);
-        acc_t* out = csum + c0;
-        std::fill(out, out + cols, acc_t(0));
+        acc_t* sums = colsum.get();
+        std::fill(sums, sums + cols, acc_t(0));
         for (int64_t r = 0; r < rows; ++r) {
           int64_t lo, hi;
           selection_cols(r0 + r, c0, cols, &lo, &hi);
-          const acc_t* ar = abuf.get() + r * bc;
-          for (int64_t c = lo; c < hi; ++c) out[c] += std::max<acc_t>(ar[c], acc_t(0));
+          add_relu(abuf.get() + r * bc, lo, hi, sums);
         }
+        for (int64_t c = 0; c < cols; ++c) csum[c0 + c] = sums[c];
       }
     }
   });
@@ -53,18 +54,18 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, acc_
   constexpr int64_t kCols = 256;
   const int64_t col_chunks = (N + kCols - 1) / kCols;
   at::parallel_for(0, B * col_chunks, 1, [&](int64_t begin, int64_t stop) {
-    acc_t carry[kCols];
+    fsum_t carry[kCols];
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / col_chunks, j0 = (t % col_chunks) * kCols;
       const int64_t w = std::min(kCols, N - j0);
-      std::fill(carry, carry + w, acc_t(0));
+      std::fill(carry, carry + w, fsum_t(0));
       for (int64_t I = 0; I < nblk; ++I) {
         const int64_t end = std::min(N, (I + 1) * br);
         if (end <= j0) continue;
-        acc_t* row = poff + (b * nblk + I) * N + j0;
+        fsum_t* row = poff + (b * nblk + I) * N + j0;
         const int64_t n = std::min(w, end - j0);
         for (int64_t c = 0; c < n; ++c) {
-          const acc_t s = row[c];
+          const fsum_t s = row[c];
           row[c] = carry[c];
           carry[c] += s;
         }

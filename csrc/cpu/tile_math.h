@@ -29,6 +29,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace selattn::cpu {
@@ -40,11 +41,13 @@ inline void gemm_cm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+#ifndef SELATTN_CPU_PORTABLE_GEMM  // define to test the fallback below
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
   } else {
     if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
   }
+#endif
   // Portable fallback (torch builds without an exported BLAS): plain loops.
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t i = 0; i < m; ++i) {
@@ -133,12 +136,16 @@ inline void run_dynamic(int64_t n_items, const Body& body) {
   std::atomic<int64_t> counter{0};
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    // MKL called from inside a parallel region may open a nested team per call; keep each
+    // tile GEMM on its calling thread.
+    const int prev_mkl = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t t = begin; t < end; ++t) {
       body([&]() -> int64_t {
         const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
         return i < n_items ? i : -1;
       });
     }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_mkl);
   });
 }
 
@@ -155,20 +162,35 @@ inline void selection_cols(int64_t i, int64_t c0, int64_t cols, int64_t* lo, int
   if (*hi < *lo) *hi = *lo;
 }
 
+// Poff (the sum of S over all earlier query blocks, up to N terms) is accumulated in double,
+// like torch's CPU cumsum, so its rounding stays below the fp32 error of the logits; the short
+// sums inside one block stay in acc_t, where they vectorise.
+using fsum_t = double;
+
+// dst[c] += relu(src[c]) for c in [lo, hi).
+template <typename acc_t>
+inline void add_relu(const acc_t* src, int64_t lo, int64_t hi, acc_t* dst) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec zero(acc_t(0));
+  int64_t c = lo;
+  for (; c + Vec::size() <= hi; c += Vec::size())
+    (Vec::loadu(dst + c) + at::vec::clamp_min(Vec::loadu(src + c), zero)).store(dst + c);
+  for (; c < hi; ++c) dst[c] += std::max(src[c], acc_t(0));
+}
+
 // F tile of query rows r0.. and key columns c0..: F[r][c] = poff[c] + sum_{r' < r} S[r'][c],
 // with S = relu(A) on 1 <= j < i. `a` holds the scaled selection logits of the tile; `run` is
 // cols elements of scratch.
 template <typename acc_t>
-inline void selection_f_tile(const acc_t* a, int64_t lda, const acc_t* poff, int64_t r0,
+inline void selection_f_tile(const acc_t* a, int64_t lda, const fsum_t* poff, int64_t r0,
                              int64_t c0, int64_t rows, int64_t cols, acc_t* f, int64_t ldf,
                              acc_t* run) {
-  std::memcpy(run, poff, sizeof(acc_t) * cols);
+  for (int64_t c = 0; c < cols; ++c) run[c] = static_cast<acc_t>(poff[c]);
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(f + r * ldf, run, sizeof(acc_t) * cols);
     int64_t lo, hi;
     selection_cols(r0 + r, c0, cols, &lo, &hi);
-    const acc_t* ar = a + r * lda;
-    for (int64_t c = lo; c < hi; ++c) run[c] += std::max<acc_t>(ar[c], acc_t(0));
+    add_relu(a + r * lda, lo, hi, run);
   }
 }
 
