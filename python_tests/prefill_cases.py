@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -279,5 +279,3 @@ def case_axis_value(case: Case, axis: str):
         return (case.Hq, case.Hkv)
     return getattr(case, axis)
 
-
-CASE_FIELDS = [f.name for f in fields(Case)]
