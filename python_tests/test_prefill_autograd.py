@@ -2,7 +2,6 @@
 F exercised (selection logits large enough that F > 1, none within gradcheck's step of the relu
 kink)."""
 
-import pytest
 import torch
 from torch.autograd import gradcheck
 

@@ -93,7 +93,8 @@ BAD_ATTENTION_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn,exc,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_ATTENTION_CALLS])
+@pytest.mark.parametrize("fn,exc,match",
+                         [pytest.param(*c[1:], id=c[0]) for c in BAD_ATTENTION_CALLS])
 def test_attention_rejects_bad_input(fn, exc, match, device):
     with pytest.raises(exc, match=match):
         fn(device)
@@ -128,7 +129,8 @@ BAD_BWD_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("change,exc,match", [pytest.param(*c[1:], id=c[0]) for c in BAD_BWD_ARGS])
+@pytest.mark.parametrize("change,exc,match",
+                         [pytest.param(*c[1:], id=c[0]) for c in BAD_BWD_ARGS])
 def test_prefill_bwd_rejects_bad_input(change, exc, match, device):
     args = _bwd_args(device)
     args.update({name: f(args) for name, f in change.items()})

@@ -78,22 +78,27 @@ def fwd_samples(device):
     return samples
 
 
-@pytest.mark.parametrize("index", range(4))
-def test_opcheck_prefill_fwd(index, device):
-    skip_if_unsupported(device, torch.float64 if index == 2 else torch.float32, 32)
-    args, _ = fwd_samples(device)[index]
+SAMPLE_IDS = ["contiguous", "transposed-sel-view", "fp64-sliced-sel", "N1"]
+
+
+def sample(name, device):
+    skip_if_unsupported(device, torch.float64 if name.startswith("fp64") else torch.float32, 32)
+    return dict((sid, args) for args, sid in fwd_samples(device))[name]
+
+
+@pytest.mark.parametrize("name", SAMPLE_IDS)
+def test_opcheck_prefill_fwd(name, device):
+    args = sample(name, device)
     opcheck(torch.ops.selattn.prefill_fwd.default, args)
 
 
-@pytest.mark.parametrize("index", range(4))
-@pytest.mark.parametrize("with_dlse", [True, False])
-def test_opcheck_prefill_bwd(index, with_dlse, device):
-    skip_if_unsupported(device, torch.float64 if index == 2 else torch.float32, 32)
-    args, _ = fwd_samples(device)[index]
-    args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+@pytest.mark.parametrize("name", SAMPLE_IDS)
+@pytest.mark.parametrize("with_dlse", [True, False], ids=["dlse", "no-dlse"])
+def test_opcheck_prefill_bwd(name, with_dlse, device):
+    args = tuple(a.detach() if torch.is_tensor(a) else a for a in sample(name, device))
     q, k, v, q_sel, k_sel, scale = args
     out, lse = torch.ops.selattn.prefill_fwd(*args)
-    g = torch.Generator().manual_seed(20 + index)
+    g = torch.Generator().manual_seed(20)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse) if with_dlse else None
     opcheck(torch.ops.selattn.prefill_bwd.default,
