@@ -23,7 +23,15 @@ echo "run.sh: built selattn_ext in $(( $(date +%s) - start )) s"
 
 case "$job" in
   setup) ;;
-  test) exec "$py" -m pytest python_tests -q ;;
+  test)
+    # The C++ test (CMakeLists.txt, tests_cpp/) against libtorch, then the pytest suite.
+    if command -v cmake >/dev/null && [ "${SELATTN_SKIP_CTEST:-0}" != 1 ]; then
+      cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >build-cmake.log 2>&1 \
+        || { cat build-cmake.log; exit 1; }
+      cmake --build build-cmake -j"$MAX_JOBS" >>build-cmake.log 2>&1 || { tail -50 build-cmake.log; exit 1; }
+      ctest --test-dir build-cmake --output-on-failure
+    fi
+    exec "$py" -m pytest python_tests -q ;;
   demo) exec "$py" bench/demo.py ;;
   *) echo "usage: bash run.sh [demo|test|setup]" >&2; exit 2 ;;
 esac

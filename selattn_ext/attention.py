@@ -44,9 +44,9 @@ def attention(
         ``out`` (B, Hq, N, D) in the dtype of q (strides of q when q is dense), or
         ``(out, lse)`` if ``return_lse``.
     """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-D (B, H, N, D), got q.dim()={q.dim()}, "
-                         f"k.dim()={k.dim()}")
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got {t.dim()}-D")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if (q_sel is None) != (k_sel is None):
