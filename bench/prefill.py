@@ -10,8 +10,8 @@ Methods (all compute the same function except ``sdpa_causal``):
 
 Modes: ``fwd`` and ``fwdbwd`` (forward + backward of all inputs). Calls alternate between methods
 and the median of ``--reps`` is reported, with ratios ``ours / method`` and peak memory growth
-(CPU: each (method, N, mode) once in a fresh subprocess, ru_maxrss above the RSS after the inputs
-were made; CUDA: max_memory_allocated above the allocation before the call).
+(CPU: each (method, N, mode) once in a fresh subprocess, peak RSS (VmHWM, reset after the inputs
+were made) above the RSS at that point; CUDA: max_memory_allocated above the allocation before the call).
 
     python bench/prefill.py                      # CPU defaults of the foundation issue
     python bench/prefill.py --device cuda --out /tmp/o   # CUDA grid of the CUDA issue
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
@@ -159,13 +158,20 @@ def child_peak(args, method: str, n: int, mode: str) -> Optional[int]:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
 def run_child_peak(args) -> None:
     inputs = make_inputs(args, args.child_n, args.child_mode == "fwdbwd")
     call = make_call(args.child_peak, inputs, args.child_mode)
-    with open("/proc/self/status") as f:
-        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    # Reset the peak-RSS mark (Linux >= 4.0) so import-time peaks do not mask the call's.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss_kb = _proc_status_kb("VmRSS")
     call()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _proc_status_kb("VmHWM")
     print(json.dumps({"peak_bytes": max(0, peak_kb - rss_kb) * 1024}))
 
 
