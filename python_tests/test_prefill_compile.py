@@ -92,7 +92,7 @@ def test_opcheck_prefill_bwd(index, with_dlse, device):
     args, _ = fwd_samples(device)[index]
     args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
     q, k, v, q_sel, k_sel, scale = args
-    out, lse = torch.ops.selattn.prefill_fwd(*args)
+    out, lse, _ = torch.ops.selattn.prefill_fwd(*args)
     g = torch.Generator().manual_seed(20 + index)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse) if with_dlse else None
