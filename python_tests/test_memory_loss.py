@@ -307,6 +307,9 @@ def test_bad_mem_tau_rejected(tau, device):
         selattn_ext.attention(q, q, q, memory_tau=tau)
     with pytest.raises(ValueError, match="mem_tau"):
         torch.ops.selattn.prefill_fwd(q, q, q, q[:, 0], q[:, 0], 1.0, tau)
+    with pytest.raises(ValueError, match="mem_tau"):  # the fake kernel (torch.compile) too
+        qm = q.to("meta")
+        torch.ops.selattn.prefill_fwd(qm, qm, qm, qm[:, 0], qm[:, 0], 1.0, tau)
     with pytest.raises(ValueError, match="memory_tau"):
         SelectiveSelfAttention(64, 2, memory_tau=tau)
 
@@ -390,3 +393,13 @@ def test_module_flag_rejects_non_selective():
     with pytest.raises(ValueError, match="memory_tau needs selective=True"):
         SelectiveSelfAttention(64, 2, selective=False, memory_tau=1.0)
     assert math.isclose(SelectiveSelfAttention(64, 2, memory_tau=2).memory_tau, 2)
+
+
+def test_raw_wrapper_keeps_two_outputs_without_mem_tau(device):
+    """selattn_ext.ops.prefill_fwd returns (out, lse) as before unless mem_tau is given."""
+    skip_if_no_mem(device)
+    q, k, v, q_sel, k_sel, scale = _op_samples(device)[0]
+    out, lse = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale)
+    out3, lse3, mem = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale, 1.0)
+    assert torch.equal(out, out3) and torch.equal(lse, lse3)
+    assert mem.shape == (q.shape[0], q.shape[2])

@@ -63,9 +63,9 @@ def attention(
                          f"{'q_sel' if k_sel is None else 'k_sel'})")
     if q_sel is None:
         q_sel, k_sel = selection_inputs(q, k, sel_head)
-    mem_tau = None if memory_tau is None else float(memory_tau)
-    out, lse, mem = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale), mem_tau)
-    extra = [lse] if return_lse else []
-    if mem_tau is not None:
-        extra.append(memory_from_rowsum(mem, mem_tau))
-    return (out, *extra) if extra else out
+    if memory_tau is None:
+        out, lse = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale))
+        return (out, lse) if return_lse else out
+    out, lse, rowsum = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale), float(memory_tau))
+    mem = memory_from_rowsum(rowsum, float(memory_tau))
+    return (out, lse, mem) if return_lse else (out, mem)

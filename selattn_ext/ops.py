@@ -7,6 +7,7 @@ else: argument checking lives in C++ so there is one source of truth for it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,13 +23,17 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def prefill_fwd(q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor, scale: float,
-                mem_tau: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Raw forward op: returns (out, lse, mem). Prefer :func:`selattn_ext.attention`.
+                mem_tau: Optional[float] = None) -> Tuple[Tensor, ...]:
+    """Raw forward op: returns (out, lse), or (out, lse, mem) when ``mem_tau`` is given.
+    Prefer :func:`selattn_ext.attention`.
 
-    ``mem`` is ``R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau)`` (B, N) in lse's dtype when
-    ``mem_tau`` is given (the row sums of the auxiliary memory loss), else an empty (0,) tensor.
+    ``mem`` is ``R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau)`` (B, N) in lse's dtype (the
+    row sums of the auxiliary memory loss). The op itself always returns three tensors (mem is
+    an empty placeholder without mem_tau); this wrapper drops the placeholder so callers that
+    predate mem_tau keep working.
     """
-    return torch.ops.selattn.prefill_fwd.default(q, k, v, q_sel, k_sel, scale, mem_tau)
+    out, lse, mem = torch.ops.selattn.prefill_fwd.default(q, k, v, q_sel, k_sel, scale, mem_tau)
+    return (out, lse) if mem_tau is None else (out, lse, mem)
 
 
 def prefill_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
@@ -53,6 +58,9 @@ def _check_same_device(q: Tensor, **others: Tensor) -> None:
 def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale, mem_tau=None):
     _check_same_device(q, k=k, v=v, q_sel=q_sel, k_sel=k_sel)
     b, hq, n, _ = q.shape
+    if mem_tau is not None and not (math.isfinite(mem_tau) and mem_tau > 0):
+        raise ValueError(f"selattn: mem_tau (memory_tau) must be a positive finite number, "
+                         f"got {mem_tau}")
     # Mirrors csrc/ops.cpp: out = empty_like(q), lse contiguous (B, Hq, N), mem (B, N) or (0,).
     stats = _stats_dtype(q.dtype)
     mem = q.new_empty((b, n) if mem_tau is not None else (0,), dtype=stats)
