@@ -26,17 +26,33 @@ void expect(bool ok, const std::string& what) {
   if (!ok) ++g_failures;
 }
 
-using FwdFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                         const Tensor&, const Tensor&, double);
+using FwdFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                 const Tensor&, const Tensor&, double,
+                                                 std::optional<double>);
 using BwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const std::optional<Tensor>&, double);
+    const Tensor&, const Tensor&, const std::optional<Tensor>&, double,
+    const std::optional<Tensor>&, std::optional<double>);
 
 c10::TypedOperatorHandle<FwdFn> fwd_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("selattn::prefill_fwd", "").typed<FwdFn>();
 }
 c10::TypedOperatorHandle<BwdFn> bwd_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("selattn::prefill_bwd", "").typed<BwdFn>();
+}
+
+// The ops without the optional memory-loss arguments: (out, lse) and the five gradients.
+std::tuple<Tensor, Tensor> prefill_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& q_sel, const Tensor& k_sel, double s) {
+  auto [out, lse, mem] = fwd_op().call(q, k, v, q_sel, k_sel, s, std::nullopt);
+  return {out, lse};
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+    const Tensor& k_sel, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse,
+    double s) {
+  return bwd_op().call(dout, q, k, v, q_sel, k_sel, out, lse, dlse, s, std::nullopt,
+                       std::nullopt);
 }
 
 // DESIGN §1, literally: S, F, logits and a two-pass softmax per row, all in double.
@@ -124,7 +140,7 @@ void test_forward_matches_naive(at::ScalarType dt, bool transposed, double tol) 
   const int64_t B = 2, Hq = 4, Hkv = 2, N = 37, D = 16, sh = 3;
   Inputs in = make_inputs(B, Hq, Hkv, N, D, dt, transposed, sh);
   const double s = 1.0 / std::sqrt(static_cast<double>(D));
-  auto [out, lse] = fwd_op().call(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
+  auto [out, lse] = prefill_fwd(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
   auto [want, want_lse] = naive_prefill(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
   const std::string tag = std::string(c10::toString(dt)) + (transposed ? " transposed" : "");
   const double e_out = max_abs_diff(out, want), e_lse = max_abs_diff(lse, want_lse);
@@ -138,7 +154,7 @@ void test_forward_matches_naive(at::ScalarType dt, bool transposed, double tol) 
 
 // <out, dout> + <lse, dlse> as a function of the five inputs.
 double loss(const Inputs& in, const Tensor& dout, const Tensor& dlse, double s) {
-  auto [out, lse] = fwd_op().call(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
+  auto [out, lse] = prefill_fwd(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
   return ((out * dout).sum() + (lse * dlse).sum()).item<double>();
 }
 
@@ -150,8 +166,8 @@ void test_backward_matches_finite_differences() {
             at::randn({B, N, D}, opt) * 1.3};
   const double s = 0.4;
   Tensor dout = at::randn({B, Hq, N, D}, opt), dlse = at::randn({B, Hq, N}, opt);
-  auto [out, lse] = fwd_op().call(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
-  auto grads = bwd_op().call(dout, in.q, in.k, in.v, in.q_sel, in.k_sel, out, lse, dlse, s);
+  auto [out, lse] = prefill_fwd(in.q, in.k, in.v, in.q_sel, in.k_sel, s);
+  auto grads = prefill_bwd(dout, in.q, in.k, in.v, in.q_sel, in.k_sel, out, lse, dlse, s);
   std::vector<Tensor> g = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
                            std::get<3>(grads), std::get<4>(grads)};
   const char* names[] = {"q", "k", "v", "q_sel", "k_sel"};
@@ -192,22 +208,21 @@ void expect_throws(const std::string& what, const std::string& must_contain,
 
 void test_bad_inputs() {
   Inputs in = make_inputs(1, 2, 1, 5, 8, at::kFloat, false, 0);
-  auto fwd = fwd_op();
   expect_throws<c10::ValueError>("3-D q", "q must be 4-D", [&] {
-    fwd.call(in.q.select(1, 0), in.k, in.v, in.q_sel, in.k_sel, 1.0);
+    prefill_fwd(in.q.select(1, 0), in.k, in.v, in.q_sel, in.k_sel, 1.0);
   });
   expect_throws<c10::TypeError>("k in float64", "k must have the dtype of q", [&] {
-    fwd.call(in.q, in.k.to(at::kDouble), in.v, in.q_sel, in.k_sel, 1.0);
+    prefill_fwd(in.q, in.k.to(at::kDouble), in.v, in.q_sel, in.k_sel, 1.0);
   });
   expect_throws<c10::ValueError>("q_sel of the wrong length", "q_sel must have shape", [&] {
-    fwd.call(in.q, in.k, in.v, in.q_sel.narrow(1, 0, 4), in.k_sel, 1.0);
+    prefill_fwd(in.q, in.k, in.v, in.q_sel.narrow(1, 0, 4), in.k_sel, 1.0);
   });
   expect_throws<c10::ValueError>("negative scale", "scale", [&] {
-    fwd.call(in.q, in.k, in.v, in.q_sel, in.k_sel, -1.0);
+    prefill_fwd(in.q, in.k, in.v, in.q_sel, in.k_sel, -1.0);
   });
   expect_throws<c10::ValueError>("Hq % Hkv != 0", "multiple of the number of kv heads", [&] {
     Tensor k3 = at::randn({1, 3, 5, 8});
-    fwd.call(at::randn({1, 4, 5, 8}), k3, k3, in.q_sel, in.k_sel, 1.0);
+    prefill_fwd(at::randn({1, 4, 5, 8}), k3, k3, in.q_sel, in.k_sel, 1.0);
   });
 }
 
