@@ -52,6 +52,33 @@ void check_last_dim_contiguous(const char* name, const Tensor& t) {
                     t.strides());
 }
 
+// t must share q's dtype and device: every kernel takes one element type on one device.
+void check_like_q(const char* name, const Tensor& t, const Tensor& q) {
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
+                   " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q (",
+                    q.device(), "), got ", t.device());
+}
+
+void check_heads(int64_t Hq, int64_t Hkv) {
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "selattn: the number of query heads (q.size(1) = ",
+                    Hq, ") must be a multiple of the number of kv heads (k.size(1) = ", Hkv, ")");
+}
+
+// The device half of the argument checks, shared by every op: a CPU tensor needs a CPU that
+// runs the kernels as compiled; a CUDA tensor needs a build with CUDA kernels.
+void check_cpu_kernels_runnable(const Tensor& q) {
+  TORCH_CHECK_VALUE(q.is_cpu(), "selattn: q must be a CPU or CUDA tensor, got ", q.device());
+#if defined(SELATTN_CPU_AVX2) && (defined(__x86_64__) || defined(_M_X64))
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+              "selattn: the CPU kernels were built for AVX2+FMA, which this CPU lacks");
+#endif
+}
+
+[[maybe_unused]] void fail_no_cuda_build() {
+  TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
+}
+
 // Checks shared by the forward and the backward. Returns (B, Hq, Hkv, N, D).
 std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& q_sel, const Tensor& k_sel,
@@ -69,13 +96,9 @@ std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, co
   for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
                          {"q_sel", q_sel}, {"k_sel", k_sel}}) {
     check_floating(name, t);
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
-                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name,
-                      " must be on the device of q (", q.device(), "), got ", t.device());
+    check_like_q(name, t, q);
   }
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "selattn: the number of query heads (q.size(1) = ",
-                    Hq, ") must be a multiple of the number of kv heads (k.size(1) = ", Hkv, ")");
+  check_heads(Hq, Hkv);
   check_shape("k", k, {B, Hkv, N, D}, "(B, Hkv, N, D)");
   check_shape("v", v, {B, Hkv, N, D}, "(B, Hkv, N, D)");
   check_shape("q_sel", q_sel, {B, N, D}, "(B, N, D)");
@@ -93,14 +116,10 @@ std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, co
                       "selattn: no CUDA kernel for head_dim ", D, " with dtype ",
                       q.scalar_type(), "");
 #else
-    TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
+    fail_no_cuda_build();
 #endif
   } else {
-    TORCH_CHECK_VALUE(q.is_cpu(), "selattn: q must be a CPU or CUDA tensor, got ", q.device());
-#if defined(SELATTN_CPU_AVX2) && (defined(__x86_64__) || defined(_M_X64))
-    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                "selattn: the CPU kernels were built for AVX2+FMA, which this CPU lacks");
-#endif
+    check_cpu_kernels_runnable(q);
   }
   return {B, Hq, Hkv, N, D};
 }
@@ -203,9 +222,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
   auto [B, Hq, Hkv, N, D] = check_prefill_inputs(q, k, v, q_sel, k_sel, scale);
   check_mem_tau(mem_tau, q);
   for (auto [name, t] : {std::pair<const char*, const Tensor&>{"dout", dout}, {"out", out}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
-                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q");
+    check_like_q(name, t, q);
     check_shape(name, t, q.sizes(), "(B, Hq, N, D)");
     check_last_dim_contiguous(name, t);
   }
@@ -300,13 +317,9 @@ void check_decode_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   check_floating("q", q);
   for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
                          {"k_cache", k_cache}, {"v_cache", v_cache}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
-                     " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name,
-                      " must be on the device of q (", q.device(), "), got ", t.device());
+    check_like_q(name, t, q);
   }
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "selattn: the number of query heads (q.size(1) = ",
-                    Hq, ") must be a multiple of the number of kv heads (k.size(1) = ", Hkv, ")");
+  check_heads(Hq, Hkv);
   check_shape("k", k, {B, Hkv, c, D}, "(B, Hkv, c, D)");
   check_shape("v", v, {B, Hkv, c, D}, "(B, Hkv, c, D)");
   check_shape("k_cache", k_cache, {B, Hkv, slots, D}, "(B, Hkv, slots, D)");
@@ -349,14 +362,10 @@ void check_decode_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                       "selattn: no CUDA decode kernel for head_dim ", D, " with dtype ",
                       q.scalar_type(), " (CUDA decode supports head_dim 32, 64, 96, 128, 256)");
 #else
-    TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
+    fail_no_cuda_build();
 #endif
   } else {
-    TORCH_CHECK_VALUE(q.is_cpu(), "selattn: q must be a CPU or CUDA tensor, got ", q.device());
-#if defined(SELATTN_CPU_AVX2) && (defined(__x86_64__) || defined(_M_X64))
-    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                "selattn: the CPU kernels were built for AVX2+FMA, which this CPU lacks");
-#endif
+    check_cpu_kernels_runnable(q);
   }
 }
 
