@@ -134,6 +134,20 @@ PrefillParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
+// mem_tau of the auxiliary memory loss: absent, or a positive finite clip level.
+void check_mem_tau(const std::optional<double>& mem_tau, const Tensor& q) {
+  if (!mem_tau.has_value()) return;
+  TORCH_CHECK_VALUE(std::isfinite(*mem_tau) && *mem_tau > 0,
+                    "selattn: mem_tau (memory_tau) must be a positive finite number, got ",
+                    *mem_tau);
+  // TODO(cuda kernels): drop this once csrc/cuda implements PrefillParams::mem / dmem.
+  TORCH_CHECK_NOT_IMPLEMENTED(!q.is_cuda(),
+                              "selattn: mem_tau (the memory loss output) is not implemented "
+                              "for CUDA tensors yet; it is CPU only");
+  TORCH_CHECK_VALUE(q.size(1) > 0 || q.size(0) * q.size(2) == 0,
+                    "selattn: mem_tau needs at least one query head (q.size(1) = 0)");
+}
+
 #ifdef SELATTN_WITH_CUDA
 // Allocates the launcher's scratch from torch's caching allocator; the tensor must outlive the
 // launch, which it does because the caller holds it until after the enqueue (the allocator is
@@ -153,15 +167,22 @@ void check_launch(cudaError_t err, const char* what) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> prefill_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& q_sel, const Tensor& k_sel, double scale) {
+// mem: R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau) as (B, N) in lse's dtype when mem_tau is
+// given, else an empty (0,) tensor (the schema needs a fixed number of outputs).
+std::tuple<Tensor, Tensor, Tensor> prefill_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const Tensor& q_sel, const Tensor& k_sel,
+                                               double scale, std::optional<double> mem_tau) {
   auto [B, Hq, Hkv, N, D] = check_prefill_inputs(q, k, v, q_sel, k_sel, scale);
+  check_mem_tau(mem_tau, q);
   // Same strides as q when q is dense (a (B, N, H, D) view gives a (B, N, H, D) output),
   // contiguous otherwise; selattn_ext/ops.py's fake mirrors this with torch.empty_like.
   Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({B, Hq, N}, q.options().dtype(stats_dtype(q.scalar_type())));
-  if (out.numel() == 0) return {out, lse};
+  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
+  Tensor lse = at::empty({B, Hq, N}, stats);
+  Tensor mem = mem_tau.has_value() ? at::empty({B, N}, stats) : at::empty({0}, stats);
+  if (out.numel() == 0) return {out, lse, mem};
   PrefillParams p = make_params(q, k, v, q_sel, k_sel, out, lse, scale);
+  if (mem_tau.has_value()) p.mem_tau = *mem_tau, p.mem = mem.data_ptr();
   if (q.is_cuda()) {
 #ifdef SELATTN_WITH_CUDA
     c10::cuda::CUDAGuard guard(q.device());
@@ -172,14 +193,15 @@ std::tuple<Tensor, Tensor> prefill_fwd(const Tensor& q, const Tensor& k, const T
   } else {
     cpu::prefill_fwd(p);
   }
-  return {out, lse};
+  return {out, lse, mem};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
     const Tensor& k_sel, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse,
-    double scale) {
+    double scale, const std::optional<Tensor>& dmem, std::optional<double> mem_tau) {
   auto [B, Hq, Hkv, N, D] = check_prefill_inputs(q, k, v, q_sel, k_sel, scale);
+  check_mem_tau(mem_tau, q);
   for (auto [name, t] : {std::pair<const char*, const Tensor&>{"dout", dout}, {"out", out}}) {
     TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "selattn: ", name,
                      " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
@@ -201,6 +223,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
     TORCH_CHECK_VALUE(dlse->device() == q.device(), "selattn: dlse must be on the device of q");
     dlse_c = dlse->contiguous();
   }
+  Tensor dmem_c;
+  if (dmem.has_value() && dmem->defined()) {
+    TORCH_CHECK_VALUE(mem_tau.has_value(), "selattn: dmem needs the mem_tau of the forward");
+    TORCH_CHECK_TYPE(dmem->scalar_type() == sdt, "selattn: dmem must be ", sdt, ", got ",
+                     dmem->scalar_type());
+    check_shape("dmem", *dmem, {B, N}, "(B, N)");
+    TORCH_CHECK_VALUE(dmem->device() == q.device(), "selattn: dmem must be on the device of q");
+    dmem_c = dmem->contiguous();
+  }
 
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
@@ -209,6 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
   PrefillParams p = make_params(q, k, v, q_sel, k_sel, out, lse_c, scale);
   set4(dout, p.dout, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride);
   p.dlse = dlse_c.defined() ? dlse_c.data_ptr() : nullptr;
+  if (dmem_c.defined()) p.mem_tau = *mem_tau, p.dmem = dmem_c.data_ptr();
   set4(dq, p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
   set4(dk, p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
   set4(dv, p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
@@ -394,12 +426,12 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 
 TORCH_LIBRARY(selattn, m) {
   m.def(
-      "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale)"
-      " -> (Tensor out, Tensor lse)");
+      "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale,"
+      " float? mem_tau=None) -> (Tensor out, Tensor lse, Tensor mem)");
   m.def(
       "prefill_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"
-      " Tensor out, Tensor lse, Tensor? dlse, float scale)"
-      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
+      " Tensor out, Tensor lse, Tensor? dlse, float scale, Tensor? dmem=None,"
+      " float? mem_tau=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
   // decode (DESIGN §3): mutates the cache state, returns the chunk's attention output.
   m.def(
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"

@@ -65,6 +65,16 @@ struct PrefillParams {
   // device's launcher. Contents on entry are unspecified; kernels initialise what they use.
   void* workspace;
   size_t workspace_bytes;
+
+  // Auxiliary memory loss of the paper (selattn_ext/memory.py), optional:
+  //   mem[b, i] = R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau)
+  // Forward: written when mem_tau > 0 and mem != nullptr ((B, N) contiguous, lse's dtype).
+  // Backward: when mem_tau > 0 and dmem != nullptr ((B, N) contiguous), dF[i, j] gains
+  // dmem[b, i] * [F[i, j] < mem_tau] (0 at the clip, like relu's 0 at its kink), once per
+  // batch element, not per head. Appended last so positional initialisers elsewhere still hold.
+  double mem_tau;
+  void* mem;
+  const void* dmem;
 };
 
 inline size_t dtype_size(DType t) {

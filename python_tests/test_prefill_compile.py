@@ -97,7 +97,7 @@ def test_opcheck_prefill_fwd(name, device):
 def test_opcheck_prefill_bwd(name, with_dlse, device):
     args = tuple(a.detach() if torch.is_tensor(a) else a for a in sample(name, device))
     q, k, v, q_sel, k_sel, scale = args
-    out, lse = torch.ops.selattn.prefill_fwd(*args)
+    out, lse, _ = torch.ops.selattn.prefill_fwd(*args)
     g = torch.Generator().manual_seed(20)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
     dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse) if with_dlse else None

@@ -8,6 +8,7 @@ See README.md and shared/DESIGN.md for the semantics.
 from . import nn, ops, reference
 from .attention import attention
 from .cache import SelectiveKVCache, decode
+from .memory import memory_loss
 
-__all__ = ["attention", "decode", "nn", "ops", "reference", "SelectiveKVCache"]
+__all__ = ["attention", "decode", "memory_loss", "nn", "ops", "reference", "SelectiveKVCache"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 from torch import Tensor
 
 from . import ops
+from .memory import memory_from_rowsum
 from .reference import selection_inputs
 
 __all__ = ["attention"]
@@ -22,7 +23,8 @@ def attention(
     q_sel: Optional[Tensor] = None,
     k_sel: Optional[Tensor] = None,
     return_lse: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    memory_tau: Optional[float] = None,
+) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Causal selective attention (Leviathan et al., 2024), fused.
 
     Args:
@@ -35,14 +37,21 @@ def attention(
         q_sel, k_sel: (B, N, D) explicit selection queries/keys (e.g. a dedicated projection,
             or head 0 living on another tensor-parallel rank). Give both or neither.
         return_lse: also return the fp32 (fp64 for fp64 inputs) log-sum-exp (B, Hq, N).
+        memory_tau: also return the memory M (B, N) of the paper's auxiliary memory loss, with
+            this clip level tau (> 0, finite): ``M[b, i] = (i + 1) - sum_{j <= i}
+            min(F[b, i, j], tau) / tau``, the number of tokens query i still attends to when a
+            token counts as masked in proportion to F / tau (fully at F >= tau). Computed in
+            the fused kernel (no N x N), differentiable; feed the layers' M to
+            :func:`selattn_ext.memory_loss`. CPU only for now.
 
     Position 0 is the BOS token and is never masked; every query sees itself. Token j's
     logit for query i is lowered by ``F[i, j] = sum_{j < k < i} relu(s * q_sel[k] . k_sel[j])``.
     Gradients flow to every input, including through F.
 
     Returns:
-        ``out`` (B, Hq, N, D) in the dtype of q (strides of q when q is dense), or
-        ``(out, lse)`` if ``return_lse``.
+        ``out`` (B, Hq, N, D) in the dtype of q (strides of q when q is dense), or a tuple
+        ``(out, [lse], [M])`` with ``lse`` if ``return_lse`` and ``M`` (lse's dtype) if
+        ``memory_tau`` is given.
     """
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 4:
@@ -54,5 +63,9 @@ def attention(
                          f"{'q_sel' if k_sel is None else 'k_sel'})")
     if q_sel is None:
         q_sel, k_sel = selection_inputs(q, k, sel_head)
-    out, lse = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale))
-    return (out, lse) if return_lse else out
+    if memory_tau is None:
+        out, lse = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale))
+        return (out, lse) if return_lse else out
+    out, lse, rowsum = ops.prefill_fwd(q, k, v, q_sel, k_sel, float(scale), float(memory_tau))
+    mem = memory_from_rowsum(rowsum, float(memory_tau))
+    return (out, lse, mem) if return_lse else (out, mem)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -56,6 +57,14 @@ class SelectiveSelfAttention(nn.Module):
         sel_head: the query head whose logits select (negative counts from the end).
         selective: False gives plain causal attention with the same parameters (an ablation
             baseline; it cannot use a pruned cache).
+        memory_tau: clip level tau of the paper's auxiliary memory loss (needs selective=True).
+            When set, every forward without a cache stores this layer's memory M (B, N)
+            (see :func:`selattn_ext.attention`) in ``self.last_memory``, with its autograd
+            graph; a forward with a cache sets it to None. The training loop collects them::
+
+                loss = lm_loss + eps * selattn_ext.memory_loss(
+                    [m.last_memory for m in model.modules()
+                     if isinstance(m, SelectiveSelfAttention)])
 
     ``forward(x, cache=None)``: x (B, N, embed_dim). Without a cache, runs the fused prefill
     (training). With a ``SelectiveKVCache`` it appends the N tokens to the cache (in chunks of
@@ -65,7 +74,8 @@ class SelectiveSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
                  rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
-                 sel_head: int = 0, selective: bool = True):
+                 sel_head: int = 0, selective: bool = True,
+                 memory_tau: Optional[float] = None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if embed_dim % num_heads:
@@ -75,6 +85,13 @@ class SelectiveSelfAttention(nn.Module):
                              f"({num_kv_heads})")
         if not -num_heads <= sel_head < num_heads:
             raise ValueError(f"sel_head must be in [-{num_heads}, {num_heads}), got {sel_head}")
+        if memory_tau is not None:
+            if not selective:
+                raise ValueError("memory_tau needs selective=True (plain attention masks nothing)")
+            if not (math.isfinite(memory_tau) and memory_tau > 0):
+                raise ValueError(f"memory_tau must be a positive finite number, got {memory_tau}")
+        self.memory_tau = memory_tau
+        self.last_memory: Optional[Tensor] = None
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.sel_head = sel_head
@@ -100,7 +117,10 @@ class SelectiveSelfAttention(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths is only meaningful with a cache")
             q, k, v = self._project(x, torch.arange(n, device=x.device))
-            if self.selective:
+            if self.memory_tau is not None:
+                out, self.last_memory = attention(q, k, v, sel_head=self.sel_head,
+                                                  memory_tau=self.memory_tau)
+            elif self.selective:
                 out = attention(q, k, v, sel_head=self.sel_head)
             else:
                 out = F.scaled_dot_product_attention(
@@ -109,6 +129,7 @@ class SelectiveSelfAttention(nn.Module):
         elif not self.selective:
             raise ValueError("a SelectiveKVCache needs selective=True")
         else:
+            self.last_memory = None  # decoding has no training loss; drop a stale graph
             out = self._decode(x, cache, lengths)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 

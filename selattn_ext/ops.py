@@ -7,6 +7,7 @@ else: argument checking lives in C++ so there is one source of truth for it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -21,18 +22,28 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def prefill_fwd(q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
-                scale: float) -> Tuple[Tensor, Tensor]:
-    """Raw forward op: returns (out, lse). Prefer :func:`selattn_ext.attention`."""
-    return torch.ops.selattn.prefill_fwd.default(q, k, v, q_sel, k_sel, scale)
+def prefill_fwd(q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor, scale: float,
+                mem_tau: Optional[float] = None) -> Tuple[Tensor, ...]:
+    """Raw forward op: returns (out, lse), or (out, lse, mem) when ``mem_tau`` is given.
+    Prefer :func:`selattn_ext.attention`.
+
+    ``mem`` is ``R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau)`` (B, N) in lse's dtype (the
+    row sums of the auxiliary memory loss). The op itself always returns three tensors (mem is
+    an empty placeholder without mem_tau); this wrapper drops the placeholder so callers that
+    predate mem_tau keep working.
+    """
+    out, lse, mem = torch.ops.selattn.prefill_fwd.default(q, k, v, q_sel, k_sel, scale, mem_tau)
+    return (out, lse) if mem_tau is None else (out, lse, mem)
 
 
 def prefill_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
-                out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-                scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Raw backward op: returns (dq, dk, dv, dq_sel, dk_sel)."""
+                out: Tensor, lse: Tensor, dlse: Optional[Tensor], scale: float,
+                dmem: Optional[Tensor] = None, mem_tau: Optional[float] = None,
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Raw backward op: returns (dq, dk, dv, dq_sel, dk_sel). ``dmem`` (B, N), the gradient of
+    the forward's ``mem``, needs that forward's ``mem_tau``."""
     return torch.ops.selattn.prefill_bwd.default(dout, q, k, v, q_sel, k_sel, out, lse, dlse,
-                                                 scale)
+                                                 scale, dmem, mem_tau)
 
 
 def _check_same_device(q: Tensor, **others: Tensor) -> None:
@@ -44,16 +55,23 @@ def _check_same_device(q: Tensor, **others: Tensor) -> None:
 
 
 @torch.library.register_fake("selattn::prefill_fwd")
-def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale):
+def _prefill_fwd_fake(q, k, v, q_sel, k_sel, scale, mem_tau=None):
     _check_same_device(q, k=k, v=v, q_sel=q_sel, k_sel=k_sel)
     b, hq, n, _ = q.shape
-    # Mirrors csrc/ops.cpp: out = empty_like(q), lse contiguous (B, Hq, N).
-    return torch.empty_like(q), q.new_empty((b, hq, n), dtype=_stats_dtype(q.dtype))
+    if mem_tau is not None and not (math.isfinite(mem_tau) and mem_tau > 0):
+        raise ValueError(f"selattn: mem_tau (memory_tau) must be a positive finite number, "
+                         f"got {mem_tau}")
+    # Mirrors csrc/ops.cpp: out = empty_like(q), lse contiguous (B, Hq, N), mem (B, N) or (0,).
+    stats = _stats_dtype(q.dtype)
+    mem = q.new_empty((b, n) if mem_tau is not None else (0,), dtype=stats)
+    return torch.empty_like(q), q.new_empty((b, hq, n), dtype=stats), mem
 
 
 @torch.library.register_fake("selattn::prefill_bwd")
-def _prefill_bwd_fake(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale):
-    _check_same_device(q, dout=dout, k=k, v=v, q_sel=q_sel, k_sel=k_sel, out=out, lse=lse, dlse=dlse)
+def _prefill_bwd_fake(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale, dmem=None,
+                      mem_tau=None):
+    _check_same_device(q, dout=dout, k=k, v=v, q_sel=q_sel, k_sel=k_sel, out=out, lse=lse,
+                       dlse=dlse, dmem=dmem)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(q_sel), torch.empty_like(k_sel))
 
@@ -63,20 +81,24 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _prefill_setup_context(ctx, inputs, output):
-    q, k, v, q_sel, k_sel, scale = inputs
-    out, lse = output
+    q, k, v, q_sel, k_sel, scale = inputs[:6]
+    mem_tau = inputs[6] if len(inputs) > 6 else None
+    out, lse, _ = output
     ctx.save_for_backward(q, k, v, q_sel, k_sel, out, lse)
-    ctx.scale = scale
+    ctx.scale, ctx.mem_tau = scale, mem_tau
 
 
-def _prefill_backward(ctx, dout, dlse):
+def _prefill_backward(ctx, dout, dlse, dmem):
     q, k, v, q_sel, k_sel, out, lse = ctx.saved_tensors
     # Incoming gradients may be expanded or transposed (e.g. from .sum()); the op only needs a
     # contiguous last dim, which keeps the common case copy-free.
     dout = _last_dim_contiguous(dout)
+    # Without mem_tau, mem is an empty placeholder and its gradient means nothing.
+    if ctx.mem_tau is None:
+        dmem = None
     dq, dk, dv, dq_sel, dk_sel = prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, dlse,
-                                             ctx.scale)
-    return dq, dk, dv, dq_sel, dk_sel, None
+                                             ctx.scale, dmem, ctx.mem_tau)
+    return dq, dk, dv, dq_sel, dk_sel, None, None
 
 
 torch.library.register_autograd("selattn::prefill_fwd", _prefill_backward,

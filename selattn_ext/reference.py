@@ -18,7 +18,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["selection_inputs", "selection_scores", "accumulated_selection", "attention"]
+__all__ = ["selection_inputs", "selection_scores", "accumulated_selection", "memory_rowsum",
+           "memory", "attention"]
 
 
 def selection_inputs(q: Tensor, k: Tensor, sel_head: int = 0) -> Tuple[Tensor, Tensor]:
@@ -52,6 +53,28 @@ def accumulated_selection(q_sel: Tensor, k_sel: Tensor, scale: float) -> Tensor:
     return torch.cat([torch.zeros_like(inclusive[..., :1, :]), inclusive[..., :-1, :]], dim=-2)
 
 
+def memory_rowsum(f: Tensor, tau: float) -> Tensor:
+    """R (B, N) of the memory loss: ``R[b, i] = sum_{j <= i} min(F[b, i, j], tau)``.
+
+    F is already 0 for j > i; the causal mask is applied anyway so the sum is literally the
+    one defined. The gradient is 1 where F < tau and 0 from F == tau on (the minimum-norm
+    subgradient, like relu's at 0), which the fused backward matches. Written with
+    torch.where because torch.clamp's gradient at the bound changed between releases
+    (1 up to torch 2.13, 0 from 2.14).
+    """
+    n = f.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=f.device).tril()
+    clipped = torch.where(f < tau, f, torch.full((), tau, dtype=f.dtype, device=f.device))
+    return torch.where(causal, clipped, torch.zeros((), dtype=f.dtype, device=f.device)).sum(-1)
+
+
+def memory(f: Tensor, tau: float) -> Tensor:
+    """M (B, N) of the memory loss: ``M[b, i] = (i + 1) - memory_rowsum(F, tau)[b, i] / tau``."""
+    n = f.shape[-1]
+    count = torch.arange(1, n + 1, dtype=f.dtype, device=f.device)
+    return count - memory_rowsum(f, tau) / tau
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -62,12 +85,14 @@ def attention(
     q_sel: Optional[Tensor] = None,
     k_sel: Optional[Tensor] = None,
     return_lse: bool = False,
+    memory_tau: Optional[float] = None,
     return_f: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Selective attention, eagerly: same arguments as :func:`selattn_ext.attention`.
 
-    Returns ``out`` (B, Hq, N, D), followed by ``lse`` (B, Hq, N) if ``return_lse`` and ``F``
-    (B, N, N) if ``return_f``. Computes in the input dtype; pass float64 for an oracle.
+    Returns ``out`` (B, Hq, N, D), followed by ``lse`` (B, Hq, N) if ``return_lse``, the
+    memory ``M`` (B, N) (:func:`memory`) if ``memory_tau`` is given, and ``F`` (B, N, N) if
+    ``return_f``. Computes in the input dtype; pass float64 for an oracle.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -87,6 +112,8 @@ def attention(
     extra = []
     if return_lse:
         extra.append(torch.logsumexp(logits, dim=-1))
+    if memory_tau is not None:
+        extra.append(memory(f, memory_tau))
     if return_f:
         extra.append(f)
     return (out, *extra) if extra else out

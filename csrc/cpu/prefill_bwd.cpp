@@ -10,6 +10,10 @@
 // dk_sel. Because dA is summed over the heads of the item before its two GEMMs, the F path
 // costs 3 small GEMMs per tile, not per head.
 //
+// The auxiliary memory loss (p.dmem) adds dmem[b, i] * [F[i, j] < tau] to dF once per tile,
+// in the item holding the first kv-head chunk of (b, J): the dq_sel / dk_sel adds of every
+// chunk are summed, so adding it in each chunk would count it once per chunk.
+//
 // Workspace: Poff (B * ceil(N / kBr) * N doubles), Dl (B * Hq * N), accumulators in the
 // accumulation type for dq (B * Hq * N * D), dq_sel and dk_sel (B * N * D each) unless the
 // outputs already are that type (fp32 / fp64), and per thread O(kBc * D * kv heads + kBr * kBc)
@@ -106,6 +110,9 @@ void bwd_impl(const PrefillParams& p) {
   const auto* dlse = static_cast<const acc_t*>(p.dlse);
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
+  const auto* dmem = static_cast<const acc_t*>(p.dmem);
+  const bool want_mem = dmem != nullptr && p.mem_tau > 0;
+  const acc_t mem_tau = static_cast<acc_t>(p.mem_tau);
 
   auto poff = uninit<fsum_t>(B * nblk_q * N);
   selection_block_prefix<scalar_t, acc_t>(p, kBr, kBc, poff.get());
@@ -262,6 +269,19 @@ void bwd_impl(const PrefillParams& p) {
           {
             std::lock_guard<std::mutex> guard(qlock[b * nblk_q + I]);
             add_rows(dqt_buf.get(), rows, D, dq_acc.rows(b, h, r0), dq_acc.rs);
+          }
+        }
+
+        // dfs holds sum_h dL_h = -dF, so the memory term dF += dmem * [F < tau] (keys j <= i
+        // only) is subtracted. At F == tau the clip is saturated: gradient 0, as relu at 0.
+        if (want_mem && kv0 == 0) {
+          const acc_t* dmem_b = dmem + b * N + r0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t valid = std::max<int64_t>(0, std::min(cols, r0 + r - c0 + 1));
+            const acc_t g = dmem_b[r];
+            const acc_t* fr = f + r * kBc;
+            acc_t* dfr = dfs + r * kBc;
+            for (int64_t c = 0; c < valid; ++c) dfr[c] -= fr[c] < mem_tau ? g : acc_t(0);
           }
         }
 

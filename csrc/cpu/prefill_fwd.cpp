@@ -6,6 +6,10 @@
 // head of its chunk, each with its own online-softmax state; so the selection costs one extra
 // small GEMM per tile instead of one per head.
 //
+// With p.mem set, the item that holds the first head chunk of (b, I) also sums min(F, tau) over
+// each row of its F tiles: the auxiliary memory loss's R[b, i], computed once per row whatever
+// the head split, from the same tiles the attention uses.
+//
 // Workspace: Poff, B * ceil(N / kBr) * N doubles; per thread O(kBr * D * heads + (kBr + kBc) * D
 // + kBr * kBc) scratch, the head part capped at ~1 MiB. Nothing is N x N.
 #include <c10/util/Exception.h>
@@ -69,6 +73,20 @@ inline acc_t exp_and_sum(acc_t* s, acc_t m, int64_t valid, int64_t cols) {
   return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum) + tail;
 }
 
+// sum_{c < valid} min(f[c], tau), accumulated in acc_t over one tile row (<= kBc terms).
+template <typename acc_t>
+inline acc_t clipped_sum(const acc_t* f, acc_t tau, int64_t valid) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vt(tau);
+  Vec vsum(acc_t(0));
+  int64_t c = 0;
+  for (; c + W <= valid; c += W) vsum = vsum + at::vec::minimum(Vec::loadu(f + c), vt);
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; c < valid; ++c) s += std::min(f[c], tau);
+  return s;
+}
+
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const PrefillParams& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, N = p.seqlen, D = p.head_dim;
@@ -96,6 +114,9 @@ void fwd_impl(const PrefillParams& p) {
   const auto* ksel = static_cast<const scalar_t*>(p.k_sel);
   auto* out = static_cast<scalar_t*>(p.out);
   auto* lse = static_cast<acc_t*>(p.lse);
+  auto* mem = static_cast<acc_t*>(p.mem);
+  const bool want_mem = mem != nullptr && p.mem_tau > 0;
+  const acc_t mem_tau = static_cast<acc_t>(p.mem_tau);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   run_dynamic(B * nblk * chunks, [&](const auto& next) {
@@ -108,6 +129,7 @@ void fwd_impl(const PrefillParams& p) {
     auto q_buf = uninit<acc_t>(heads_per * kBr * D);
     auto k_buf = uninit<acc_t>(kBc * D);
     auto v_buf = uninit<acc_t>(kBc * D);
+    auto mem_row = uninit<fsum_t>(kBr);  // R of the block's rows, summed over key tiles
     auto o_acc = uninit<acc_t>(heads_per * kBr * D);
     auto m_acc = uninit<acc_t>(heads_per * kBr);
     auto l_acc = uninit<acc_t>(heads_per * kBr);
@@ -120,6 +142,9 @@ void fwd_impl(const PrefillParams& p) {
       const int64_t h1 = std::min(Hq, h0 + heads_per), nh = h1 - h0;
       const int64_t r0 = I * kBr, rows = std::min(kBr, N - r0), end = r0 + rows;
       const fsum_t* poff_row = poff.get() + (b * nblk + I) * N;
+      // Every head chunk of (b, I) builds the same F tiles; only the first one sums R.
+      const bool sum_mem = want_mem && h0 == 0;
+      if (sum_mem) std::fill_n(mem_row.get(), rows, fsum_t(0));
 
       int64_t ld_qsel, ld_ksel, ld_k = 0, ld_v = 0;
       const acc_t* qs = load_rows<scalar_t, acc_t>(
@@ -143,6 +168,13 @@ void fwd_impl(const PrefillParams& p) {
                        a_buf.get(), kBc);
         selection_f_tile<acc_t>(a_buf.get(), kBc, poff_row + c0, r0, c0, rows, cols, f_buf.get(),
                                 kBc, run_buf.get());
+        if (sum_mem) {
+          // Only keys j <= i: the tile's entries beyond the diagonal are not part of the row.
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t valid = std::min(cols, r0 + r - c0 + 1);
+            if (valid > 0) mem_row[r] += clipped_sum(f_buf.get() + r * kBc, mem_tau, valid);
+          }
+        }
 
         int64_t loaded_kv = -1;
         const acc_t* kt = nullptr;
@@ -191,6 +223,9 @@ void fwd_impl(const PrefillParams& p) {
         }
       }
 
+      if (sum_mem) {
+        for (int64_t r = 0; r < rows; ++r) mem[b * N + r0 + r] = static_cast<acc_t>(mem_row[r]);
+      }
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t hl = h - h0;
         acc_t* o = o_acc.get() + hl * kBr * D;
