@@ -10,7 +10,7 @@
 //   3. logits = scale * Q K^T - F, causal mask, online softmax on the fragments.
 //   4. O += P V, with P re-packed from the C fragments as the A operand.
 // With p.mem set (auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over each
-// row's keys j <= i from the F fragments of step 3 and write mem[b][i] once at the end (one
+// row's keys j <= i from the F fragments of step 2 and write mem[b][i] once at the end (one
 // head-0 CTA per row: no atomics).
 // The launcher only picks this path when every row is 16-byte aligned (see tc_fwd_eligible).
 #pragma once
