@@ -6,7 +6,8 @@
 Covers the prefill forward and backward (every dtype; head dims 1..256 across the SIMT chunk
 sizes; N not a multiple of the 32/64-row tiles; GQA; a transposed (B, N, H, D) layout; dlse
 given and null; for bf16/fp16 at head dims 32/64/96/128 both the tensor-core and the SIMT
-forward, and the SIMT and the opt-in tensor-core backward) and, when the op library has a CUDA decode kernel, token-by-token decoding and
+forward, and the SIMT and the opt-in tensor-core backward; the memory-loss output mem (mem_tau)
+and its gradient dmem on some of these) and, when the op library has a CUDA decode kernel, token-by-token decoding and
 chunked prefill through the pruned cache. As a cheap smoke check it also compares every result
 with selattn_ext.reference (fp64) and fails on NaN/inf or a large error; the real accuracy
 tests are python_tests (-m cuda). Exit status 1 on any failure.
@@ -52,9 +53,11 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) 
         failures.append(f"{name}: max|err| {err:.3e}")
 
 
-def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_head=0):
+def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_head=0,
+                 mem_tau=None):
     name = f"prefill {str(dtype)[6:]} B{b} Hq{hq} Hkv{hkv} N{n} D{d}" + (" bnhd" if transposed else "") + (
-        "" if with_dlse else " dlse=None")
+        "" if with_dlse else " dlse=None") + (f" sel_head{sel_head}" if sel_head else "") + (
+        f" mem_tau{mem_tau:g}" if mem_tau is not None else "")
     # Inputs and the fp64 oracle live on the CPU: under the sanitizers only our kernels (and a
     # few copies) run on the GPU, which keeps the instrumented run short.
     g = torch.Generator().manual_seed(n * 1000 + d)
@@ -71,6 +74,7 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
         q64, k64, v64 = rnd(b, hq, n, d), rnd(b, hkv, n, d), rnd(b, hkv, n, d)
     dout64 = rnd(b, hq, n, d)
     dlse64 = rnd(b, hq, n) if with_dlse else None
+    dmem64 = rnd(b, n) if mem_tau is not None else None
     scale = d ** -0.5
 
     # Oracle in fp64 (from the same rounded inputs the kernel sees).
@@ -79,6 +83,15 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
     loss = (out_ref * dout64.to(dtype).double()).sum()
     if with_dlse:
         loss = loss + (lse_ref * dlse64).sum()
+    if mem_tau is not None:
+        # The raw op's mem is the row sum R[b, i] = sum_{j <= i} min(F[b, i, j], mem_tau).
+        f_ref = reference.accumulated_selection(*reference.selection_inputs(*leaves[:2], sel_head),
+                                                scale)
+        mem_ref = reference.memory_rowsum(f_ref, mem_tau)
+        tril = torch.ones(n, n, dtype=torch.bool).tril()
+        if not ((f_ref[:, tril] > mem_tau).any() and (f_ref[:, tril] < mem_tau).any()):
+            failures.append(f"{name}: the clip at mem_tau is inactive; change mem_tau")
+        loss = loss + (mem_ref * dmem64).sum()
     loss.backward()
 
     # .to(DEV) keeps the (B, N, H, D) strides of the transposed case.
@@ -90,23 +103,29 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
     for force_simt in ((False, True) if has_tc else (False,)):
         os.environ["SELATTN_CUDA_FORCE_SIMT"] = "1" if force_simt else "0"
         try:
-            out, lse = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale)
+            res = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale, mem_tau)
             sync()
+            out, lse = res[:2]
         finally:
             os.environ.pop("SELATTN_CUDA_FORCE_SIMT")
         path = " [simt fwd]" if force_simt else (" [tc fwd]" if has_tc else "")
         check(name + path + " out", out, out_ref.detach(), dtype)
         check(name + path + " lse", lse, lse_ref.detach(), dtype)
+        if mem_tau is not None:
+            # Accumulated in fp32 (fp64) from the same F as the attention: the fp32 tolerance.
+            check(name + path + " mem", res[2], mem_ref.detach(),
+                  torch.float64 if dtype == torch.float64 else torch.float32)
 
     dout = dout64.to(dtype).to(DEV)
     stats = lse.dtype
     dlse = dlse64.to(stats).to(DEV) if with_dlse else None
+    dmem = dmem64.to(stats).to(DEV) if mem_tau is not None else None
     # The tensor-core backward is opt-in (SELATTN_CUDA_TC_BWD=1): run both where it exists.
     for tc_bwd in ((False, True) if has_tc else (False,)):
         os.environ["SELATTN_CUDA_TC_BWD"] = "1" if tc_bwd else "0"
         try:
-            dq, dk, dv, dq_sel, dk_sel = selattn_ext.ops.prefill_bwd(dout, q, k, v, q_sel, k_sel,
-                                                                     out, lse, dlse, scale)
+            dq, dk, dv, dq_sel, dk_sel = selattn_ext.ops.prefill_bwd(
+                dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale, dmem, mem_tau)
             sync()
         finally:
             os.environ.pop("SELATTN_CUDA_TC_BWD")
@@ -176,7 +195,18 @@ def main() -> int:
         (torch.float16, 1, 2, 2, 129, 96, True),
         (torch.bfloat16, 1, 2, 2, 64, 32),
     ]
-    for c in cases:
+    # Memory loss (mem_tau, dmem): summed / added by the head-0 CTAs only, so GQA and a
+    # selection head other than 0 check that it counts once; SIMT (fp32, fp64, D 80) and
+    # tensor-core (bf16/fp16 D 64/96) kernels, rows past N in the last block.
+    mem_cases = [
+        # dtype, B, Hq, Hkv, N, D, transposed, with_dlse, sel_head, mem_tau
+        (torch.float32, 2, 4, 2, 45, 32, False, True, 1, 1.0),
+        (torch.float64, 1, 3, 1, 37, 16, True, False, 0, 0.5),
+        (torch.bfloat16, 1, 4, 2, 130, 64, False, True, 2, 1.0),
+        (torch.float16, 2, 2, 1, 97, 96, True, True, 0, 2.0),
+        (torch.float16, 1, 2, 2, 70, 80, False, True, 1, 1.0),
+    ]
+    for c in cases + mem_cases:
         try:
             prefill_case(*c)
         except Exception as e:  # record and continue: later kernels still get sanitized

@@ -159,10 +159,6 @@ void check_mem_tau(const std::optional<double>& mem_tau, const Tensor& q) {
   TORCH_CHECK_VALUE(std::isfinite(*mem_tau) && *mem_tau > 0,
                     "selattn: mem_tau (memory_tau) must be a positive finite number, got ",
                     *mem_tau);
-  // TODO(cuda kernels): drop this once csrc/cuda implements PrefillParams::mem / dmem.
-  TORCH_CHECK_NOT_IMPLEMENTED(!q.is_cuda(),
-                              "selattn: mem_tau (the memory loss output) is not implemented "
-                              "for CUDA tensors yet; it is CPU only");
   TORCH_CHECK_VALUE(q.size(1) > 0 || q.size(0) * q.size(2) == 0,
                     "selattn: mem_tau needs at least one query head (q.size(1) = 0)");
 }

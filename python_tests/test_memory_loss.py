@@ -30,7 +30,7 @@ def _mem_supported(device: str) -> bool:
 
 
 def skip_if_no_mem(device: str) -> None:
-    """mem_tau is CPU only until the CUDA kernels implement it (then these tests run there)."""
+    """Skips where the op rejects mem_tau (NotImplementedError): an older build's CUDA kernels."""
     if not _mem_supported(device):
         pytest.skip(f"mem_tau not implemented on {device}")
 
@@ -325,16 +325,6 @@ def test_bad_dmem_rejected(device):
         torch.ops.selattn.prefill_bwd(*common, torch.zeros(2, 3, device=device), 1.0)
     with pytest.raises(TypeError, match="dmem must be"):
         torch.ops.selattn.prefill_bwd(*common, torch.zeros_like(mem).double(), 1.0)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_mem_tau_raises_until_implemented():
-    q = torch.randn(1, 2, 5, 64, device="cuda", dtype=torch.bfloat16)
-    if _mem_supported("cuda"):
-        pytest.skip("the CUDA kernels implement mem_tau now; the other tests cover it")
-    with pytest.raises(NotImplementedError, match="mem_tau"):
-        selattn_ext.attention(q, q, q, memory_tau=1.0)
 
 
 def test_compile_fullgraph_with_memory(device):

@@ -42,7 +42,7 @@ def attention(
             min(F[b, i, j], tau) / tau``, the number of tokens query i still attends to when a
             token counts as masked in proportion to F / tau (fully at F >= tau). Computed in
             the fused kernel (no N x N), differentiable; feed the layers' M to
-            :func:`selattn_ext.memory_loss`. CPU only for now.
+            :func:`selattn_ext.memory_loss`.
 
     Position 0 is the BOS token and is never masked; every query sees itself. Token j's
     logit for query i is lowered by ``F[i, j] = sum_{j < k < i} relu(s * q_sel[k] . k_sel[j])``.

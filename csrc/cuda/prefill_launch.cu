@@ -3,7 +3,9 @@
 // bf16/fp16 forward at head dims 32/64/96/128 takes the tensor-core path (prefill_tc_fwd_*.cu)
 // unless SELATTN_CUDA_FORCE_SIMT=1 is set (read at every call, so tests can compare the two).
 // The tensor-core backward (prefill_tc_bwd_*.cu, same dtypes and head dims) is opt-in with
-// SELATTN_CUDA_TC_BWD=1 until a GPU run has validated it.
+// SELATTN_CUDA_TC_BWD=1 until a GPU run has validated it. Every one of these kernels also
+// implements the memory-loss output (PrefillParams::mem) and its gradient (dmem) itself, in
+// its head-0 CTAs, so a mem_tau request takes the same path as a plain call.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -11,6 +11,11 @@
 // walks the query blocks backwards, warp 0 keeps that suffix sum in a register per key. The
 // sum is per head (F's gradient is linear in each head's dL), so no cross-head reduction.
 //
+// The auxiliary memory loss (p.dmem) adds dmem[b][i] * [F[i][j] < mem_tau] (j <= i) to dF once
+// per batch element: only the head-0 CTAs fold it into that suffix sum (and so into dA), since
+// the dq_sel / dk_sel contributions of all heads are summed. Warp 0 lane c, which builds F's
+// column c, keeps the tile's 32 clip tests as bits of a register for its own suffix walk.
+//
 // Every gradient is accumulated in fp32 (fp64) workspace buffers with atomics (dq, dq_sel from
 // many key blocks; dk, dv from the heads of a GQA group; dk_sel from every head) and converted
 // into the output tensors by store_accumulated_kernel afterwards. Torch-free.
@@ -70,6 +75,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t col0 = kb * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const A scale = A(p.scale);
+  const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;
+  const A mem_tau = A(p.mem_tau);
+  const A* dmem = add_mem ? static_cast<const A*>(p.dmem) + b * n : nullptr;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -111,11 +119,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // F tile (into p_tile), exactly as in the forward so P matches the forward's lse.
+    // below_tau bit r: F[row0 + r][j] < mem_tau with j <= row0 + r < n (memory-loss term).
+    uint32_t below_tau = 0;
     if (warp == 0) {
       const int64_t j = col0 + lane;
       A run = j < n ? poff_block[j] : A(0);
       for (int r = 0; r < kTile; ++r) {
         p_tile[r][lane] = run;
+        const int64_t i = row0 + r;
+        if (add_mem && i < n && j <= i && run < mem_tau) below_tau |= 1u << r;
         run += s_tile[r][lane];
       }
     }
@@ -137,12 +149,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // dA (into s_tile): walk rows bottom-up, so `run` is sum_{i > row} dL[i][j].
+    // dA (into s_tile): walk rows bottom-up, so `run` is sum_{i > row} dL[i][j] = -dF (with
+    // the memory term, dF[i][j] += dmem[i] for the rows in below_tau).
     if (warp == 0) {
       A run = dl_suffix;
       for (int r = kTile - 1; r >= 0; --r) {
         s_tile[r][lane] = s_tile[r][lane] > A(0) ? -run : A(0);
         run += dl_tile[r][lane];
+        if ((below_tau >> r) & 1u) run -= dmem[row0 + r];  // bit set only for rows < n
       }
       dl_suffix = run;
     }

@@ -5,6 +5,9 @@
 //   2. F tile = Poff[block] + exclusive cumsum of S down the tile rows (warp 0, one lane per key)
 //   3. logits = scale * q . k - F, causal mask, online softmax in registers
 //   4. O += P V, with P broadcast from the owning lane by shuffles.
+// With p.mem set (the auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over the
+// keys j <= i of each row from the same F tiles, and write mem[b][i] once: each (b, i) has
+// exactly one head-0 CTA, so there are no atomics and the other heads pay nothing.
 // Torch-free.
 #pragma once
 
@@ -27,6 +30,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t last_row = row0 + kTile - 1 < n - 1 ? row0 + kTile - 1 : n - 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const A scale = A(p.scale);
+  // Uniform across the CTA (depends on h only), so the warp_sum below is taken by whole warps.
+  const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;
+  const A mem_tau = A(p.mem_tau);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -38,10 +44,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Thread owns output rows r_u = warp + 8u and head-dim columns kc * 32 + lane.
   A o[kRowsPerThread][kNumChunks];
   A m[kRowsPerThread], l[kRowsPerThread];
+  A mem_part[kRowsPerThread];  // this lane's share of sum_j min(F[r_u][j], mem_tau)
 #pragma unroll
   for (int u = 0; u < kRowsPerThread; ++u) {
     m[u] = neg_inf<A>();
     l[u] = A(0);
+    mem_part[u] = A(0);
 #pragma unroll
     for (int kc = 0; kc < kNumChunks; ++kc) o[u][kc] = A(0);
   }
@@ -79,7 +87,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int r = warp + kWarps * u;
       const int64_t i = row0 + r, j = col0 + lane;
       const bool valid = i < n && j <= i;
-      const A x = valid ? scale * s[u] - f_tile[r][lane] : neg_inf<A>();
+      const A f = f_tile[r][lane];
+      const A x = valid ? scale * s[u] - f : neg_inf<A>();
+      if (sum_mem && valid) mem_part[u] += f < mem_tau ? f : mem_tau;
       const A tile_max = warp_max(x);
       const A m_new = tile_max > m[u] ? tile_max : m[u];
       // m[u] == -inf means nothing accumulated yet (o and l are 0), so any alpha works; 0
@@ -110,6 +120,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   A* lse = static_cast<A*>(p.lse) + (b * p.heads_q + h) * n;
+  if (sum_mem) {
+    A* mem = static_cast<A*>(p.mem) + b * n;
+#pragma unroll
+    for (int u = 0; u < kRowsPerThread; ++u) {
+      const A row_sum = warp_sum(mem_part[u]);  // before the row test: all 32 lanes take part
+      const int64_t i = row0 + warp + kWarps * u;
+      if (lane == 0 && i < n) mem[i] = row_sum;
+    }
+  }
 #pragma unroll
   for (int u = 0; u < kRowsPerThread; ++u) {
     const int64_t i = row0 + warp + kWarps * u;

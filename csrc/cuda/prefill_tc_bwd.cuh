@@ -17,6 +17,9 @@
 //   dL^T, dA^T -> shared memory (bf16/fp16), then with warps over query rows:
 //   dQ += dL K,  dQsel += dA Ksel                        (fp32 atomics into the workspace)
 // tools/cuda_emulation/prefill/tc_bwd_fragments.py emulates exactly this, lane by lane, on the CPU.
+// Memory loss (p.dmem): in head-0 CTAs only (once per batch element), the suffix sum behind dA
+// also takes -dmem[i] * [F[i][j] < mem_tau] for j <= i (dF's extra term), from a bit mask of
+// the F tests taken while F^T is still live; dK and dQ use plain dL.
 #pragma once
 
 #include "cuda/prefill_mma.cuh"
@@ -40,7 +43,7 @@ struct TcBwdConfig {
   static constexpr bool kDkInSmem = kD > 64;
   static constexpr size_t kSmemBytes =
       size_t(3 * kBlockN + 3 * kBlockM) * kStride * sizeof(T) +
-      size_t(2 * kBlockN) * kPStride * sizeof(T) + size_t(2 * kBlockM) * sizeof(float) +
+      size_t(2 * kBlockN) * kPStride * sizeof(T) + size_t(3 * kBlockM) * sizeof(float) +
       size_t(kDkInSmem ? 2 : 1) * kBlockN * kAccStride * sizeof(float);
 };
 
@@ -163,7 +166,8 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   T* s_dat = s_dlt + kBN * kPStride;   // dA^T [key][row]
   float* s_lse = reinterpret_cast<float*>(s_dat + kBN * kPStride);
   float* s_dl = s_lse + kBM;
-  float* s_dks = s_dl + kBM;           // dKsel accumulator [key][d]
+  float* s_dmem = s_dl + kBM;          // dmem of the block's rows (memory loss, head 0 only)
+  float* s_dks = s_dmem + kBM;         // dKsel accumulator [key][d]
   float* s_dk = s_dks + kBN * kAccStride;  // dK accumulator (only when Cfg::kDkInSmem)
   constexpr bool kDkInSmem = Cfg::kDkInSmem;
 
@@ -177,6 +181,9 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
   const int64_t key_lo = col0 + warp * 16 + g, key_hi = key_lo + 8;  // this thread's two keys
+  const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;  // uniform per CTA
+  const float mem_tau = float(p.mem_tau);
+  const float* dmem = add_mem ? static_cast<const float*>(p.dmem) + b * n : nullptr;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -219,6 +226,7 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
     for (int r = threadIdx.x; r < kBM; r += kThr) {
       s_lse[r] = row0 + r < n ? lse[row0 + r] : 0.f;
       s_dl[r] = row0 + r < n ? dl_row[row0 + r] : 0.f;
+      if (add_mem) s_dmem[r] = row0 + r < n ? dmem[row0 + r] : 0.f;
     }
     __syncthreads();
     // Poff is kept per 32-row block; this 64-row block starts at block row0 / 32.
@@ -268,6 +276,7 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
     float pt[8][4];
     tc_gemm_xyt<T, kD, true>(pt, s_k, s_q, warp, lane);
     uint32_t valid_bits = 0;  // bit nt*4 + c: j <= i < n
+    uint32_t below_tau = 0;   // bit nt*4 + c: valid and F < mem_tau (head 0 with dmem only)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -275,6 +284,7 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
         const int rl = nt * 8 + 2 * t + (c & 1);
         const bool valid = rl < rows_here && key_rel[c / 2] <= rl;  // j <= i < n
         valid_bits |= uint32_t(valid) << (nt * 4 + c);
+        below_tau |= uint32_t(add_mem && valid && f[nt][c] < mem_tau) << (nt * 4 + c);
         pt[nt][c] = valid ? __expf(scale * pt[nt][c] - f[nt][c] - s_lse[rl]) : 0.f;
       }
     }
@@ -305,7 +315,11 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
       float carry = dl_suffix[rh];
 #pragma unroll
       for (int nt = 7; nt >= 0; --nt) {
-        const float y0 = dlt[nt][2 * rh], y1 = dlt[nt][2 * rh + 1];
+        const uint32_t bit = 1u << (nt * 4 + 2 * rh);
+        // -dF of the two rows: dL, minus the memory term where F < mem_tau.
+        float y0 = dlt[nt][2 * rh], y1 = dlt[nt][2 * rh + 1];
+        if (below_tau & bit) y0 -= s_dmem[nt * 8 + 2 * t];
+        if (below_tau & (bit << 1)) y1 -= s_dmem[nt * 8 + 2 * t + 1];
         float inc = y0 + y1;  // becomes the sum over lanes t' >= t of the slice
 #pragma unroll
         for (int off = 1; off < 4; off <<= 1) {
@@ -314,7 +328,6 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
         }
         float exc = __shfl_down_sync(0xffffffffu, inc, 1);
         if (t == 3) exc = 0.f;
-        const uint32_t bit = 1u << (nt * 4 + 2 * rh);
         dat[nt][2 * rh + 1] = (positive & (bit << 1)) ? -(carry + exc) : 0.f;
         dat[nt][2 * rh] = (positive & bit) ? -(carry + exc + y1) : 0.f;
         carry += __shfl_sync(0xffffffffu, inc, lane & ~3);  // the slice's total

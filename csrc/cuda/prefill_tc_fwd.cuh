@@ -9,6 +9,9 @@
 //      memory), all in fp32.
 //   3. logits = scale * Q K^T - F, causal mask, online softmax on the fragments.
 //   4. O += P V, with P re-packed from the C fragments as the A operand.
+// With p.mem set (auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over each
+// row's keys j <= i from the F fragments of step 2 and write mem[b][i] once at the end (one
+// head-0 CTA per row: no atomics).
 // The launcher only picks this path when every row is 16-byte aligned (see tc_fwd_eligible).
 #pragma once
 
@@ -96,6 +99,8 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
   const int64_t i_lo = row0 + warp * 16 + g, i_hi = i_lo + 8;  // this thread's two rows
+  const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;  // uniform per CTA
+  const float mem_tau = float(p.mem_tau);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -114,6 +119,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
 #pragma unroll
     for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows i_lo, i_hi
+  float mem_part[2] = {0.f, 0.f};  // this lane's share of sum_j min(F, mem_tau), rows i_lo, i_hi
 
   for (int64_t col0 = 0; col0 <= last_row; col0 += kBN) {
     __syncthreads();  // the previous tile's readers of s_k/s_ksel/s_v/s_warp_tot are done
@@ -161,6 +167,18 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
         for (int w = 0; w < warp; ++w) base += s_warp_tot[w * kBN + col];
         f[nt][c] += base;
         f[nt][2 + c] += base;
+      }
+    }
+
+    if (sum_mem) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int64_t i = c < 2 ? i_lo : i_hi;
+          const int64_t j = col0 + nt * 8 + 2 * t + (c % 2);
+          if (i < n && j <= i) mem_part[c / 2] += fminf(f[nt][c], mem_tau);
+        }
       }
     }
 
@@ -234,6 +252,18 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
 
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + h) * n;
+  if (sum_mem) {
+    float* mem = static_cast<float*>(p.mem) + b * n;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      // The four lanes t of a row group hold the row's keys; all 32 lanes shuffle.
+      float row_sum = mem_part[rh];
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+      const int64_t i = rh == 0 ? i_lo : i_hi;
+      if (t == 0 && i < n) mem[i] = row_sum;
+    }
+  }
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const int64_t i = rh == 0 ? i_lo : i_hi;

@@ -1,8 +1,9 @@
 """CPU emulation of the SIMT backward (csrc/cuda/prefill_simt_bwd.cuh) at tile granularity.
 
 Same loop order (query blocks walked from last to first per key block), same Poff and in-tile
-cumsum for F, same running suffix sum of dL for the F path, same masks; compared with autograd
-through selattn_ext.reference in fp64. Run: python tools/cuda_emulation/prefill/simt_bwd_tiles.py
+cumsum for F, same running suffix sum of dL for the F path, same masks, and with mem_tau the
+memory-loss term (-dmem where F < mem_tau, head 0 only) folded into that suffix sum; compared
+with autograd through selattn_ext.reference in fp64. Run: python tools/cuda_emulation/prefill/simt_bwd_tiles.py
 Keep it in step with the kernel when the kernel changes.
 """
 import os
@@ -15,7 +16,7 @@ from selattn_ext import reference
 T = 32
 
 
-def run(N, D, Hq, Hkv, seed=0, with_dlse=True):
+def run(N, D, Hq, Hkv, seed=0, with_dlse=True, mem_tau=None):
     g = torch.Generator().manual_seed(seed)
     q = 1.5 * torch.randn(Hq, N, D, dtype=torch.float64, generator=g)
     k = 1.5 * torch.randn(Hkv, N, D, dtype=torch.float64, generator=g)
@@ -24,13 +25,19 @@ def run(N, D, Hq, Hkv, seed=0, with_dlse=True):
     ks = 1.5 * torch.randn(N, D, dtype=torch.float64, generator=g)
     dout = torch.randn(Hq, N, D, dtype=torch.float64, generator=g)
     dlse = torch.randn(Hq, N, dtype=torch.float64, generator=g) if with_dlse else torch.zeros(Hq, N, dtype=torch.float64)
+    dmem = torch.randn(N, dtype=torch.float64, generator=g)
     scale = D ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v, qs, ks)]
     out, lse = reference.attention(leaves[0][None], leaves[1][None], leaves[2][None], scale=scale,
                                    q_sel=leaves[3][None], k_sel=leaves[4][None], return_lse=True)
-    ((out[0] * dout).sum() + (lse[0] * dlse).sum()).backward()
+    loss = (out[0] * dout).sum() + (lse[0] * dlse).sum()
+    if mem_tau is not None:  # the raw op's mem: R = sum_{j <= i} min(F, mem_tau)
+        f_ref = reference.accumulated_selection(leaves[3][None], leaves[4][None], scale)
+        assert (f_ref > mem_tau).any() and (f_ref.tril() < mem_tau).any(), "clip inactive"
+        loss = loss + (reference.memory_rowsum(f_ref, mem_tau)[0] * dmem).sum()
+    loss.backward()
     out, lse = out[0].detach().numpy(), lse[0].detach().numpy()
-    q, k, v, qs, ks, dout, dlse = (t.numpy() for t in (q, k, v, qs, ks, dout, dlse))
+    q, k, v, qs, ks, dout, dlse, dmem = (t.numpy() for t in (q, k, v, qs, ks, dout, dlse, dmem))
 
     nqb = (N + T - 1) // T
     pad = lambda x, r0: np.vstack([x, np.zeros((nqb * T + T, x.shape[1]))])[r0:r0 + T]
@@ -60,6 +67,10 @@ def run(N, D, Hq, Hkv, seed=0, with_dlse=True):
                 f = np.zeros((T, T))
                 for r in range(T):
                     f[r] = run_; run_ = run_ + s_tile[r]
+                # below_tau (warp 0's bit mask): head 0 only, j <= i < N, F < mem_tau.
+                add_mem = h == 0 and mem_tau is not None
+                below_tau = add_mem & (i < N) & (j <= i) & (f < (mem_tau or 0.0))
+                dmem_r = np.array([dmem[x] if x < N else 0.0 for x in range(row0, row0 + T)])
                 s = pad(q[h], row0) @ pad(k[hk], col0).T
                 dp = pad(dout[h], row0) @ pad(v[hk], col0).T
                 valid = (i < N) & (j <= i)
@@ -72,6 +83,7 @@ def run(N, D, Hq, Hkv, seed=0, with_dlse=True):
                 for r in range(T - 1, -1, -1):
                     s_tile[r] = np.where(s_tile[r] > 0, -run_, 0.0)
                     run_ = run_ + dl_tile[r]
+                    run_ = run_ - np.where(below_tau[r], dmem_r[r], 0.0)
                 dl_suffix = run_
                 dv_acc += p_tile.T @ pad(dout[h], row0)
                 dk_acc += dl_tile.T @ pad(q[h], row0)
@@ -83,10 +95,12 @@ def run(N, D, Hq, Hkv, seed=0, with_dlse=True):
             dv[hk, cols] += dv_acc[:nc]; dk[hk, cols] += scale * dk_acc[:nc]; dks[cols] += scale * dks_acc[:nc]
     for name, got, leaf in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), (dq, dk, dv, dqs, dks), leaves):
         err = np.abs(got - leaf.grad.numpy()).max()
-        print(f"N={N} D={D} Hq={Hq} Hkv={Hkv} {name}: max|err| {err:.2e} (max {np.abs(leaf.grad.numpy()).max():.2e})")
+        print(f"N={N} D={D} Hq={Hq} Hkv={Hkv} mem_tau={mem_tau} {name}: max|err| {err:.2e} (max {np.abs(leaf.grad.numpy()).max():.2e})")
         assert err < 1e-9
 
 
 run(37, 8, 2, 1)
 run(70, 5, 3, 3, with_dlse=False)
 run(96, 4, 2, 2)
+run(70, 8, 3, 1, mem_tau=1.0)
+run(45, 6, 2, 2, with_dlse=False, mem_tau=0.4)

@@ -7,6 +7,8 @@ block of 64 keys, head); warp w owns keys 16w..16w+15 of the block and computes 
 columns. Compared with autograd through selattn_ext.reference in fp64 (no bf16 rounding).
 dK is accumulated in "registers" here; from head dim 96 on the kernel keeps it in shared memory
 with the same per-thread fragment ownership as dKsel (tc_accumulate_xt_y_smem), same sums.
+With mem_tau, head 0 folds the memory-loss term (-dmem[i] where F < mem_tau, j <= i) into the
+suffix sum behind dA^T from the below_tau bit mask, as the kernel does.
 Run: python tools/cuda_emulation/prefill/tc_bwd_fragments.py
 """
 import os
@@ -60,7 +62,7 @@ def accumulate_xt_y(acc, frag, s_y, D):
             mma(acc[2 * dn + 1], a, b[:, 2], b[:, 3])
 
 
-def run(N, D, Hq, Hkv, seed=0):
+def run(N, D, Hq, Hkv, seed=0, mem_tau=None):
     g = torch.Generator().manual_seed(seed)
     q = 1.5 * torch.randn(Hq, N, D, dtype=torch.float64, generator=g)
     k = 1.5 * torch.randn(Hkv, N, D, dtype=torch.float64, generator=g)
@@ -69,13 +71,19 @@ def run(N, D, Hq, Hkv, seed=0):
     ks = 1.5 * torch.randn(N, D, dtype=torch.float64, generator=g)
     dout = torch.randn(Hq, N, D, dtype=torch.float64, generator=g)
     dlse = torch.randn(Hq, N, dtype=torch.float64, generator=g)
+    dmem = torch.randn(N, dtype=torch.float64, generator=g)
     scale = D ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v, qs, ks)]
     out, lse = reference.attention(leaves[0][None], leaves[1][None], leaves[2][None], scale=scale,
                                    q_sel=leaves[3][None], k_sel=leaves[4][None], return_lse=True)
-    ((out[0] * dout).sum() + (lse[0] * dlse).sum()).backward()
+    loss = (out[0] * dout).sum() + (lse[0] * dlse).sum()
+    if mem_tau is not None:  # the raw op's mem: R = sum_{j <= i} min(F, mem_tau)
+        f_ref = reference.accumulated_selection(leaves[3][None], leaves[4][None], scale)
+        assert (f_ref > mem_tau).any() and (f_ref.tril() < mem_tau).any(), "clip inactive"
+        loss = loss + (reference.memory_rowsum(f_ref, mem_tau)[0] * dmem).sum()
+    loss.backward()
     out, lse = out[0].detach().numpy(), lse[0].detach().numpy()
-    q, k, v, qs, ks, dout, dlse = (t.numpy() for t in (q, k, v, qs, ks, dout, dlse))
+    q, k, v, qs, ks, dout, dlse, dmem = (t.numpy() for t in (q, k, v, qs, ks, dout, dlse, dmem))
 
     A = scale * qs @ ks.T
     ii, jj = np.arange(N)[:, None], np.arange(N)[None, :]
@@ -105,6 +113,8 @@ def run(N, D, Hq, Hkv, seed=0):
                 s_q, s_qs, s_do = pad(q[h], row0), pad(qs, row0), pad(dout[h], row0)
                 s_lse = np.array([lse[h, r] if r < N else 0.0 for r in range(row0, row0 + BM)])
                 s_dl = np.array([Dl[h, r] if r < N else 0.0 for r in range(row0, row0 + BM)])
+                add_mem = h == 0 and mem_tau is not None
+                s_dmem = np.array([dmem[r] if r < N else 0.0 for r in range(row0, row0 + BM)])
                 s_dlt = np.zeros((BN, BM + 8)); s_dat = np.zeros((BN, BM + 8))
                 for w in range(WARPS):
                     key_lo = col0 + w * 16 + G
@@ -132,6 +142,7 @@ def run(N, D, Hq, Hkv, seed=0):
                     sc = gemm_xyt(s_k, s_q, w, D)
                     dp = gemm_xyt(s_v, s_do, w, D)
                     pt = np.zeros((8, 32, 4)); dlt = np.zeros((8, 32, 4))
+                    below_tau = np.zeros((8, 32, 4), dtype=bool)
                     for nt in range(8):
                         for c in range(4):
                             key = keys[c // 2]
@@ -141,6 +152,7 @@ def run(N, D, Hq, Hkv, seed=0):
                             with np.errstate(over="ignore"):
                                 p = np.where(valid, np.exp(np.where(valid, scale * sc[nt, :, c] - f[nt, :, c] - s_lse[rl], 0)), 0.0)
                             pt[nt, :, c] = p
+                            below_tau[nt, :, c] = add_mem & valid & (f[nt, :, c] < (mem_tau or 0.0))
                             dlt[nt, :, c] = np.where(valid, p * (dp[nt, :, c] - s_dl[rl]), 0.0)
                     accumulate_xt_y(dv_acc[w], pt, s_do, D)
                     accumulate_xt_y(dk_acc[w], dlt, s_q, D)
@@ -149,7 +161,9 @@ def run(N, D, Hq, Hkv, seed=0):
                     for rh in range(2):
                         carry = dl_suffix[w, :, rh].copy()
                         for nt in range(7, -1, -1):
-                            y0, y1 = dlt[nt, :, 2 * rh], dlt[nt, :, 2 * rh + 1]
+                            rl0 = nt * 8 + 2 * TT
+                            y0 = dlt[nt, :, 2 * rh] - np.where(below_tau[nt, :, 2 * rh], s_dmem[rl0], 0.0)
+                            y1 = dlt[nt, :, 2 * rh + 1] - np.where(below_tau[nt, :, 2 * rh + 1], s_dmem[rl0 + 1], 0.0)
                             pair = y0 + y1
                             inc = pair.copy()  # inclusive over t' >= t
                             for off in (1, 2):
@@ -211,10 +225,11 @@ def run(N, D, Hq, Hkv, seed=0):
                     dks[col0 + kl] += scale * s_dks[kl]
     for name, got, leaf in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), (dq, dk, dv, dqs, dks), leaves):
         err = np.abs(got - leaf.grad.numpy()).max()
-        print(f"N={N} D={D} Hq={Hq} Hkv={Hkv} {name}: max|err| {err:.2e} (max {np.abs(leaf.grad.numpy()).max():.2e})")
+        print(f"N={N} D={D} Hq={Hq} Hkv={Hkv} mem_tau={mem_tau} {name}: max|err| {err:.2e} (max {np.abs(leaf.grad.numpy()).max():.2e})")
         assert err < 1e-9, name
 
 
 if __name__ == "__main__":
     run(70, 16, 2, 1)
     run(130, 32, 1, 1)
+    run(100, 16, 2, 1, mem_tau=1.0)

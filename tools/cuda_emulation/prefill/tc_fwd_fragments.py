@@ -3,7 +3,9 @@
 ldmatrix / mma.m16n8k16 are modelled from the PTX ISA fragment layouts, and every address and
 fragment index below is the kernel's own formula; the result is compared with
 selattn_ext.reference in fp64. It checks the index math and the shuffle scan without a GPU (not
-the hardware, not rounding). Run: python tools/cuda_emulation/prefill/tc_fwd_fragments.py
+the hardware, not rounding). With mem_tau it also emulates the memory-loss row sums (head 0's
+mem_part per lane, the 4-lane reduction) against reference.memory_rowsum.
+Run: python tools/cuda_emulation/prefill/tc_fwd_fragments.py
 Keep it in step with the kernel when the kernel changes.
 """
 import numpy as np
@@ -64,7 +66,7 @@ def shfl_up(x, delta):  # x (32,)
     return y
 
 
-def run(N, D, seed=0):
+def run(N, D, seed=0, mem_tau=None):
     rng = np.random.default_rng(seed)
     q, k, v, qs, ks_ = (1.5 * rng.standard_normal((N, D)) for _ in range(5))
     scale = D ** -0.5
@@ -77,13 +79,14 @@ def run(N, D, seed=0):
     def pad(x, rows):
         out = np.zeros((rows, D + 8)); r = min(rows, x.shape[0]); out[:r, :D] = x[:r]; return out
 
-    out = np.zeros((N, D)); lse = np.zeros(N)
+    out = np.zeros((N, D)); lse = np.zeros(N); mem = np.zeros(N)
     nqb = (N + BM - 1) // BM
     for qb in range(nqb):
         row0 = qb * BM
         last_row = min(row0 + BM - 1, N - 1)
         s_q = pad(q[row0:], BM); s_qsel = pad(qs[row0:], BM)
         o = np.zeros((WARPS, D // 8, 32, 4)); m = np.full((WARPS, 32, 2), -np.inf); l = np.zeros((WARPS, 32, 2))
+        mem_part = np.zeros((WARPS, 32, 2))
         for col0 in range(0, last_row + 1, BN):
             s_k = pad(k[col0:], BN); s_ks = pad(ks_[col0:], BN); s_v = pad(v[col0:], BN)
             warp_tot = np.zeros((WARPS, BN))
@@ -127,6 +130,14 @@ def run(N, D, seed=0):
                             base = poff[row0 // 32, j] if j < N else 0.0
                             base += warp_tot[:w, col].sum()
                             f[nt, L, c] += base; f[nt, L, 2 + c] += base
+                if mem_tau is not None:
+                    for nt in range(8):
+                        for c in range(4):
+                            for L in range(32):
+                                i = row0 + w * 16 + L // 4 + (8 if c >= 2 else 0)
+                                j = col0 + nt * 8 + 2 * (L % 4) + (c % 2)
+                                if i < N and j <= i:
+                                    mem_part[w, L, c // 2] += min(f[nt, L, c], mem_tau)
                 s = gemm_xyt(s_q, s_k, w, D)
                 for L in range(32):
                     g, t = L // 4, L % 4
@@ -176,13 +187,23 @@ def run(N, D, seed=0):
                         out[i, d] = o[w, dt, L, 2 * rh] / l[w, L, rh]
                         out[i, d + 1] = o[w, dt, L, 2 * rh + 1] / l[w, L, rh]
                     lse[i] = m[w, L, rh] + np.log(l[w, L, rh])
+                    # xor-shuffles 1 and 2: the row group's four lanes; lane t == 0 writes
+                    if L % 4 == 0:
+                        mem[i] = sum(mem_part[w, L + x, rh] for x in range(4))
     T = lambda x: torch.from_numpy(x)[None, None]
     ref_out, ref_lse = reference.attention(T(q), T(k), T(v), scale=scale, q_sel=T(qs)[:, 0], k_sel=T(ks_)[:, 0], return_lse=True)
     e1 = np.abs(out - ref_out[0, 0].numpy()).max(); e2 = np.abs(lse - ref_lse[0, 0].numpy()).max()
     print(f"N={N} D={D}: max|out err| {e1:.3e}, max|lse err| {e2:.3e}")
     assert e1 < 1e-9 and e2 < 1e-9
+    if mem_tau is not None:
+        f_ref = reference.accumulated_selection(T(qs)[:, 0], T(ks_)[:, 0], scale)
+        assert (f_ref > mem_tau).any() and (f_ref.tril() < mem_tau).any(), "clip inactive"
+        e3 = np.abs(mem - reference.memory_rowsum(f_ref, mem_tau)[0].numpy()).max()
+        print(f"N={N} D={D} mem_tau={mem_tau}: max|mem err| {e3:.3e}")
+        assert e3 < 1e-9
 
 
 if __name__ == "__main__":
     run(70, 32)
     run(130, 16 * 3)
+    run(100, 16, mem_tau=1.0)
