@@ -11,7 +11,7 @@ plain causal attention and a selective one (selattn_ext). Then evaluates on the 
 With a budget b, each query sees at most b + 1 tokens in both pruned evaluations (b kept plus
 itself). Writes JSON (name contains "quality"), markdown and a PNG into --out.
 
-    python bench/quality.py                 # defaults: context 256, ~20 min on 2 CPU cores
+    python bench/quality.py                 # defaults: context 256, 2 seeds, ~20 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -103,13 +103,13 @@ def plot(result: Dict, path: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=256, help="training/eval context (512, 1024 for bigger runs)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", default="0", help="comma list; each seed trains both models")
+    p.add_argument("--seeds", default="0,1", help="comma list; each seed trains both models")
     p.add_argument("--divisors", default="2,4,8,16,32", help="budgets = context / divisor")
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--chunk", type=int, default=1, help="tokens per decode step in the pruned evaluation")
