@@ -129,4 +129,24 @@ __device__ __forceinline__ A selection_score(A a, int64_t i, int64_t j, int64_t 
   return (i < n && j >= 1 && j < i && a > A(0)) ? a : A(0);
 }
 
+// s_tile[r][c] = S[row0 + r][col0 + c] of one batch element: the scaled selection logits,
+// relu'd and structurally masked. Shared by the pre-pass, the forward and the backward so the
+// three see bit-identical S. All threads must call; s_tile is complete on return.
+template <int kNumChunks, typename T, typename A>
+__device__ void selection_tile(SmemTile<A>& s_tile, SmemTile<A>& xs, SmemTile<A>& ys,
+                               const T* q_sel, int64_t q_sel_row_stride, const T* k_sel,
+                               int64_t k_sel_row_stride, int64_t row0, int64_t col0, int64_t n,
+                               int head_dim, A scale) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  A a[kRowsPerThread];
+  tile_dot<kNumChunks>(a, xs, ys, q_sel, q_sel_row_stride, row0, k_sel, k_sel_row_stride, col0,
+                       n, head_dim);
+#pragma unroll
+  for (int u = 0; u < kRowsPerThread; ++u) {
+    const int r = warp + kWarps * u;
+    s_tile[r][lane] = selection_score(scale * a[u], row0 + r, col0 + lane, n);
+  }
+  __syncthreads();
+}
+
 }  // namespace selattn::cuda

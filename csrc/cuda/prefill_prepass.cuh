@@ -36,16 +36,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
   const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
-  A a[kRowsPerThread];
-  tile_dot<kNumChunks>(a, xs, ys, q_sel, p.q_sel_row_stride, row0, k_sel, p.k_sel_row_stride,
-                       col0, n, int(p.head_dim));
-  const A scale = A(p.scale);
-#pragma unroll
-  for (int u = 0; u < kRowsPerThread; ++u) {
-    const int r = warp + kWarps * u;
-    s_tile[r][lane] = selection_score(scale * a[u], row0 + r, col0 + lane, n);
-  }
-  __syncthreads();
+  selection_tile<kNumChunks>(s_tile, xs, ys, q_sel, p.q_sel_row_stride, k_sel,
+                             p.k_sel_row_stride, row0, col0, n, int(p.head_dim), A(p.scale));
   if (warp == 0) {
     A sum = A(0);
     for (int r = 0; r < kTile; ++r) sum += s_tile[r][lane];

@@ -108,15 +108,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const A* poff_block = ws.poff + (b * nqb + qb) * n;
 
     // S tile.
-    A a[kRowsPerThread];
-    tile_dot<kNumChunks>(a, xs, ys, q_sel, p.q_sel_row_stride, row0, k_sel, p.k_sel_row_stride,
-                         col0, n, head_dim);
-#pragma unroll
-    for (int u = 0; u < kRowsPerThread; ++u) {
-      const int r = warp + kWarps * u;
-      s_tile[r][lane] = selection_score(scale * a[u], row0 + r, col0 + lane, n);
-    }
-    __syncthreads();
+    selection_tile<kNumChunks>(s_tile, xs, ys, q_sel, p.q_sel_row_stride, k_sel,
+                               p.k_sel_row_stride, row0, col0, n, head_dim, scale);
 
     // F tile (into p_tile), exactly as in the forward so P matches the forward's lse.
     // below_tau bit r: F[row0 + r][j] < mem_tau with j <= row0 + r < n (memory-loss term).

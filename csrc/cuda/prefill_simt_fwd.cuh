@@ -56,15 +56,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int64_t col0 = 0; col0 <= last_row; col0 += kTile) {
     // 1. Selection tile.
-    A a[kRowsPerThread];
-    tile_dot<kNumChunks>(a, xs, ys, q_sel, p.q_sel_row_stride, row0, k_sel, p.k_sel_row_stride,
-                         col0, n, head_dim);
-#pragma unroll
-    for (int u = 0; u < kRowsPerThread; ++u) {
-      const int r = warp + kWarps * u;
-      s_tile[r][lane] = selection_score(scale * a[u], row0 + r, col0 + lane, n);
-    }
-    __syncthreads();
+    selection_tile<kNumChunks>(s_tile, xs, ys, q_sel, p.q_sel_row_stride, k_sel,
+                               p.k_sel_row_stride, row0, col0, n, head_dim, scale);
 
     // 2. F tile. F depends on the rows above, held by other warps, hence the shared tile.
     if (warp == 0) {
