@@ -67,7 +67,9 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # Every .cu under csrc/cuda except the CPU execution target's (emulation/: host only).
+        sources += sorted(f for f in glob.glob("csrc/cuda/**/*.cu", recursive=True)
+                          if "/emulation/" not in f.replace(os.sep, "/"))
         nvcc_flags = [
             "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
             "-lineinfo", "-Xptxas=-warn-spills",

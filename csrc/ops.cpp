@@ -14,8 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/decode_launch.h"
-#include "cuda/prefill_launch.h"
+#include "cuda/decode/launch.h"
+#include "cuda/prefill/launch.h"
 #endif
 
 namespace selattn {
@@ -115,6 +115,10 @@ std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, co
     TORCH_CHECK_VALUE(cuda::prefill_supported(to_dtype(q.scalar_type()), D),
                       "selattn: no CUDA kernel for head_dim ", D, " with dtype ",
                       q.scalar_type(), "");
+    TORCH_CHECK_VALUE(cuda::prefill_grid_fits(B, Hq, N),
+                      "selattn: CUDA prefill supports batch and head counts up to 65535 and N up "
+                      "to ", cuda::prefill_max_seqlen(), ", got B = ", B, ", Hq = ", Hq,
+                      ", N = ", N);
 #else
     fail_no_cuda_build();
 #endif
@@ -339,7 +343,9 @@ void check_decode_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                     D);
   if (lengths.has_value() && lengths->defined()) {
     check_state("lengths", *lengths, at::kLong, {B}, "(B,)", q);
-    if (B > 0) {
+    // Values are checked only where that needs no device-to-host copy: a step must stay free
+    // of host syncs (CUDA-graph capture). On CUDA the kernels clamp lengths to [0, c].
+    if (B > 0 && lengths->is_cpu()) {
       auto [lo, hi] = at::aminmax(*lengths);
       const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
       TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= c, "selattn: lengths must be in [0, ", c,
@@ -407,9 +413,11 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     c10::cuda::CUDAGuard guard(q.device());
     // The kernels read rows as 16-byte vectors: re-lay out new-token inputs that are not
     // aligned that way (rare views); the cache tensors are ours and always are.
-    Tensor q_a = aligned16(q) ? q : q.contiguous();
-    Tensor k_a = aligned16(k) ? k : k.contiguous();
-    Tensor v_a = aligned16(v) ? v : v.contiguous();
+    // clone, not contiguous(): a contiguous tensor at an odd storage offset would come back
+    // as itself, still misaligned.
+    Tensor q_a = aligned16(q) ? q : q.clone(at::MemoryFormat::Contiguous);
+    Tensor k_a = aligned16(k) ? k : k.clone(at::MemoryFormat::Contiguous);
+    Tensor v_a = aligned16(v) ? v : v.clone(at::MemoryFormat::Contiguous);
     p = make_decode_params(q_a, k_a, v_a, k_cache, v_cache, f, pos, seq_len, lengths_t, out,
                            scale, sel_head, budget, tau);
     const size_t bytes = cuda::decode_workspace_bytes(p);

@@ -1,0 +1,411 @@
+// Tensor-core prefill backward for bf16/fp16, head dims 32, 64, 96, 128 (DESIGN §2 with
+// mma.sync.m16n8k16, fp32 accumulate). Torch-free. Opt-in for now (SELATTN_CUDA_TC_BWD=1, see
+// prefill/launch.cu) until a GPU run has validated it; the SIMT backward is the default.
+//
+// One CTA (4 warps) per (key block of 64 keys, q head, batch) walks the 64-row query blocks
+// from the last down to its own. Warp w owns keys 16w..16w+15 and computes *transposed* tiles
+// (keys x 64 query rows) as 8 C fragments, so thread (g, t) holds keys g and g+8 and query rows
+// nt*8 + 2t (+1): F's cumsum and dS's suffix sum over query rows then run along the thread's own
+// fragment columns (a 4-lane shuffle scan per 8-row slice plus a carry across slices), with no
+// cross-warp step. Per tile:
+//   A^T = Ksel Qsel^T -> S^T (mask bits kept), F^T = Poff + exclusive cumsum over rows
+//   P^T = exp(scale K Q^T - F^T - lse),  dP^T = V dO^T,  dL^T = P^T (dP^T - Dl)
+//   dV += P^T dO,  dK += dL^T Q                          (registers, over all query blocks)
+//   dA^T = [S^T > 0] * -(suffix sum of dL^T over later rows; the running per-key suffix from
+//          later query blocks is a register)
+//   dKsel += dA^T Qsel                                   (fp32 accumulator in shared memory)
+//   dL^T, dA^T -> shared memory (bf16/fp16), then with warps over query rows:
+//   dQ += dL K,  dQsel += dA Ksel                        (fp32 atomics into the workspace)
+// This exact source also runs on the CPU (csrc/cuda/emulation, tools/cuda_emulation/emulated.py).
+// Memory loss (p.dmem): in head-0 CTAs only (once per batch element), the suffix sum behind dA
+// also takes -dmem[i] * [F[i][j] < mem_tau] for j <= i (dF's extra term), from a bit mask of
+// the F tests taken while F^T is still live; dK and dQ use plain dL.
+#pragma once
+
+#include "cuda/arch.cuh"
+#include "cuda/prefill/simt_bwd.cuh"
+#include "cuda/prefill/tc_fwd.cuh"
+
+namespace selattn::cuda {
+
+template <typename T, int kD>
+struct TcBwdConfig {
+  static_assert(kD % 16 == 0 && kD <= 128, "head dim must be a multiple of 16, at most 128");
+  static constexpr int kBlockM = 64;  // query rows per tile
+  static constexpr int kBlockN = 64;  // keys per CTA
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStride = kD + 8;        // q/k/v-like tiles (T), conflict-free ldmatrix
+  static constexpr int kPStride = kBlockM + 8;  // dL^T, dA^T tiles (T), [key][row]
+  static constexpr int kAccStride = kD + 8;     // dKsel (and dK) accumulators (float), [key][d]
+  // From head dim 96 on, dV + dK register accumulators (96+ floats per thread) spill; dK then
+  // accumulates in shared memory like dKsel.
+  static constexpr bool kDkInSmem = kD > 64;
+  static constexpr size_t kSmemBytes =
+      size_t(3 * kBlockN + 3 * kBlockM) * kStride * sizeof(T) +
+      size_t(2 * kBlockN) * kPStride * sizeof(T) + size_t(3 * kBlockM) * sizeof(float) +
+      size_t(kDkInSmem ? 2 : 1) * kBlockN * kAccStride * sizeof(float);
+};
+
+// acc (16 keys of this warp x kD) += X^T Y, X^T given as this warp's 8 C fragments
+// (16 keys x 64 rows), Y (64 rows x kD) in padded shared memory.
+template <typename T, int kD>
+__device__ __forceinline__ void tc_accumulate_xt_y(float (&acc)[kD / 8][4], const float (&x)[8][4],
+                                                   const T* s_y, int lane) {
+  constexpr int kStride = kD + 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+    a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+#pragma unroll
+    for (int dn = 0; dn < kD / 16; ++dn) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, s_y + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                               dn * 16 + 8 * (lane / 16));
+      mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// s_acc (64 keys x kD floats, [key][kD + 8]) += X^T Y for this warp's 16 keys; X^T given as
+// 8 C fragments (16 keys x 64 rows), Y (64 rows x kD) padded. Each (key, d) element belongs
+// to exactly one thread, so the read-modify-write needs no barrier.
+template <typename T, int kD>
+__device__ __forceinline__ void tc_accumulate_xt_y_smem(float* s_acc, const float (&x)[8][4],
+                                                        const T* s_y, int warp, int lane) {
+  constexpr int kStride = kD + 8, kAccStride = kD + 8;
+  const int g = lane / 4, t = lane % 4;
+  uint32_t a[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    a[kk][0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+    a[kk][1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+    a[kk][2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+  }
+#pragma unroll 1  // acc is per-dn: a rolled loop keeps the ldmatrix results from piling up
+  for (int dn = 0; dn < kD / 16; ++dn) {
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, s_y + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                               dn * 16 + 8 * (lane / 16));
+      mma_16816<T>(acc[0], a[kk], b[0], b[1]);
+      mma_16816<T>(acc[1], a[kk], b[2], b[3]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int d = (2 * dn + half) * 8 + 2 * t;
+      const int kl = warp * 16 + g;
+      float2* lo = reinterpret_cast<float2*>(s_acc + kl * kAccStride + d);
+      float2* hi = reinterpret_cast<float2*>(s_acc + (kl + 8) * kAccStride + d);
+      float2 u = *lo, w = *hi;
+      u.x += acc[half][0], u.y += acc[half][1];
+      w.x += acc[half][2], w.y += acc[half][3];
+      *lo = u, *hi = w;
+    }
+  }
+}
+
+// dst[row0 + warp rows][:] += scale * X Y over the 64 keys, X given transposed in shared
+// memory ([key][row], kPStride), Y (64 keys x kD) padded; fp32 atomics, rows >= n skipped.
+template <typename T, int kD>
+__device__ __forceinline__ void tc_rows_times_keys_atomic(const T* s_xt, const T* s_y, float* dst,
+                                                          int64_t row0, int64_t n, float scale,
+                                                          int warp, int lane) {
+  constexpr int kStride = kD + 8, kPStride = 64 + 8;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll 1  // acc is per-dn: a rolled loop keeps the ldmatrix results from piling up
+  for (int dn = 0; dn < kD / 16; ++dn) {
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4], b[4];
+      // A = X (rows x keys) from X^T stored [key][row]: transposed 8x8 loads.
+      ldmatrix_x4_trans(a, s_xt + (kk * 16 + (lane % 8) + 8 * (lane / 16)) * kPStride +
+                               warp * 16 + 8 * ((lane / 8) % 2));
+      ldmatrix_x4_trans(b, s_y + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                               dn * 16 + 8 * (lane / 16));
+      mma_16816<T>(acc[0], a, b[0], b[1]);
+      mma_16816<T>(acc[1], a, b[2], b[3]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int d = (2 * dn + half) * 8 + 2 * t;
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) {
+        const int64_t i = row0 + warp * 16 + g + 8 * rh;
+        if (i >= n) continue;
+        const float v0 = acc[half][2 * rh], v1 = acc[half][2 * rh + 1];
+        if (v0 != 0.f) atomicAdd(dst + i * kD + d, scale * v0);
+        if (v1 != 0.f) atomicAdd(dst + i * kD + d + 1, scale * v1);
+      }
+    }
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
+    tc_bwd_kernel(const PrefillParams p, const BwdAccum<float> ws) {
+  using Cfg = TcBwdConfig<T, kD>;
+  constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStride = Cfg::kStride;
+  constexpr int kPStride = Cfg::kPStride, kAccStride = Cfg::kAccStride, kThr = Cfg::kThreads;
+  SELATTN_DYNAMIC_SHARED(smem_raw);
+  T* s_k = reinterpret_cast<T*>(smem_raw);
+  T* s_ksel = s_k + kBN * kStride;
+  T* s_v = s_ksel + kBN * kStride;
+  T* s_q = s_v + kBN * kStride;
+  T* s_qsel = s_q + kBM * kStride;
+  T* s_do = s_qsel + kBM * kStride;
+  T* s_dlt = s_do + kBM * kStride;     // dL^T [key][row]
+  T* s_dat = s_dlt + kBN * kPStride;   // dA^T [key][row]
+  float* s_lse = reinterpret_cast<float*>(s_dat + kBN * kPStride);
+  float* s_dl = s_lse + kBM;
+  float* s_dmem = s_dl + kBM;          // dmem of the block's rows (memory loss, head 0 only)
+  float* s_dks = s_dmem + kBM;         // dKsel accumulator [key][d]
+  float* s_dk = s_dks + kBN * kAccStride;  // dK accumulator (only when Cfg::kDkInSmem)
+  constexpr bool kDkInSmem = Cfg::kDkInSmem;
+
+  const int64_t n = p.seqlen;
+  const int64_t nqb = ceil_div(n, kBM);
+  const int64_t kb = blockIdx.x;  // small kb = most query blocks: first, for tail balance
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int64_t col0 = kb * kBN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const float scale = float(p.scale);
+  const int64_t key_lo = col0 + warp * 16 + g, key_hi = key_lo + 8;  // this thread's two keys
+  const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;  // uniform per CTA
+  const float mem_tau = float(p.mem_tau);
+  const float* dmem = add_mem ? static_cast<const float*>(p.dmem) + b * n : nullptr;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+  const float* lse = static_cast<const float*>(p.lse) + (b * p.heads_q + h) * n;
+  const float* dl_row = ws.dl + (b * p.heads_q + h) * n;
+  float* dq = ws.dq + (b * p.heads_q + h) * n * kD;
+  float* dk = ws.dk + (b * p.heads_kv + hk) * n * kD;
+  float* dv = ws.dv + (b * p.heads_kv + hk) * n * kD;
+  float* dq_sel = ws.dq_sel + b * n * kD;
+  float* dk_sel = ws.dk_sel + b * n * kD;
+
+  tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
+  tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
+  tc_load_rows<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
+  constexpr int kAccFloats = (kDkInSmem ? 2 : 1) * kBN * kAccStride;  // s_dks, then s_dk
+  for (int e = threadIdx.x; e < kAccFloats; e += kThr) s_dks[e] = 0.f;
+
+  constexpr int kDkHeld = kDkInSmem ? 1 : kD / 8;  // register dK fragments (unused if in smem)
+  float dv_acc[kD / 8][4], dk_acc[kDkHeld][4];
+#pragma unroll
+  for (int dt = 0; dt < kD / 8; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dv_acc[dt][c] = 0.f;
+#pragma unroll
+  for (int dt = 0; dt < kDkHeld; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk_acc[dt][c] = 0.f;
+  float dl_suffix[2] = {0.f, 0.f};  // per key: sum of dL over the query blocks already walked
+
+  for (int64_t qb = nqb - 1; qb >= kb; --qb) {
+    const int64_t row0 = qb * kBM;
+    __syncthreads();  // the previous tile's readers of the query-side tiles are done
+    tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
+    tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
+    tc_load_rows<T, kD, kBM, kThr>(s_do, dout, p.dout_row_stride, row0, n);
+    for (int r = threadIdx.x; r < kBM; r += kThr) {
+      s_lse[r] = row0 + r < n ? lse[row0 + r] : 0.f;
+      s_dl[r] = row0 + r < n ? dl_row[row0 + r] : 0.f;
+      if (add_mem) s_dmem[r] = row0 + r < n ? dmem[row0 + r] : 0.f;
+    }
+    __syncthreads();
+    // Poff is kept per 32-row block; this 64-row block starts at block row0 / 32.
+    const float* poff_block = ws.poff + (b * num_sel_blocks(n) + row0 / kSelBlockRows) * n;
+
+    // S^T and F^T. Fragment element c of n-tile nt: key (c < 2 ? key_lo : key_hi), query row
+    // row0 + nt*8 + 2t + (c & 1).
+    float f[8][4];
+    tc_gemm_xyt<T, kD, true>(f, s_ksel, s_qsel, warp, lane);
+    uint32_t positive = 0;  // bit nt*4 + c: S > 0 (the relu and structural mask of dA)
+    // 32-bit row arithmetic relative to the block (fewer live registers than int64 indices):
+    // query row i = row0 + rl is real when rl < rows_here; key j relates to it via j - row0.
+    const int rows_here = int(n - row0 < kBM ? n - row0 : kBM);
+    const int key_rel[2] = {int(key_lo - row0), int(key_hi - row0)};
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int64_t key = rh == 0 ? key_lo : key_hi;
+      float carry = key < n ? poff_block[key] : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int rl0 = nt * 8 + 2 * t;
+        // S[i][j] = relu(a) where 1 <= j < i < n (selection_score, in block-relative form).
+        const bool key_ok = key >= 1;
+        const float a0 = scale * f[nt][2 * rh], a1 = scale * f[nt][2 * rh + 1];
+        const float x0 = (key_ok && rl0 < rows_here && key_rel[rh] < rl0 && a0 > 0.f) ? a0 : 0.f;
+        const float x1 =
+            (key_ok && rl0 + 1 < rows_here && key_rel[rh] < rl0 + 1 && a1 > 0.f) ? a1 : 0.f;
+        positive |= uint32_t(x0 > 0.f) << (nt * 4 + 2 * rh);
+        positive |= uint32_t(x1 > 0.f) << (nt * 4 + 2 * rh + 1);
+        // Exclusive scan of the 8 rows of this slice: 2 per lane, over the 4 lanes t.
+        const float pair = x0 + x1;
+        float inc = pair;
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          const float y = __shfl_up_sync(0xffffffffu, inc, off);
+          if (t >= off) inc += y;
+        }
+        float exc = __shfl_up_sync(0xffffffffu, inc, 1);
+        if (t == 0) exc = 0.f;
+        f[nt][2 * rh] = carry + exc;
+        f[nt][2 * rh + 1] = carry + exc + x0;
+        carry += __shfl_sync(0xffffffffu, inc, (lane & ~3) + 3);  // the slice's total
+      }
+    }
+
+    // P^T (F^T is dead after this, before the next GEMM: fewer live registers), dV += P^T dO.
+    float pt[8][4];
+    tc_gemm_xyt<T, kD, true>(pt, s_k, s_q, warp, lane);
+    uint32_t valid_bits = 0;  // bit nt*4 + c: j <= i < n
+    uint32_t below_tau = 0;   // bit nt*4 + c: valid and F < mem_tau (head 0 with dmem only)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int rl = nt * 8 + 2 * t + (c & 1);
+        const bool valid = rl < rows_here && key_rel[c / 2] <= rl;  // j <= i < n
+        valid_bits |= uint32_t(valid) << (nt * 4 + c);
+        below_tau |= uint32_t(add_mem && valid && f[nt][c] < mem_tau) << (nt * 4 + c);
+        pt[nt][c] = valid ? __expf(scale * pt[nt][c] - f[nt][c] - s_lse[rl]) : 0.f;
+      }
+    }
+    tc_accumulate_xt_y<T, kD>(dv_acc, pt, s_do, lane);
+
+    // dL^T = P^T (dP^T - Dl), dK += dL^T Q.
+    float dlt[8][4];
+    tc_gemm_xyt<T, kD, true>(dlt, s_v, s_do, warp, lane);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int rl = nt * 8 + 2 * t + (c & 1);
+        const bool valid = (valid_bits >> (nt * 4 + c)) & 1u;
+        dlt[nt][c] = valid ? pt[nt][c] * (dlt[nt][c] - s_dl[rl]) : 0.f;
+      }
+    }
+    if constexpr (kDkInSmem) {
+      tc_accumulate_xt_y_smem<T, kD>(s_dk, dlt, s_q, warp, lane);
+    } else {
+      tc_accumulate_xt_y<T, kD>(dk_acc, dlt, s_q, lane);
+    }
+
+    // dA^T: suffix sums of dL^T over later rows, walking this block's rows backwards.
+    float dat[8][4];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      float carry = dl_suffix[rh];
+#pragma unroll
+      for (int nt = 7; nt >= 0; --nt) {
+        const uint32_t bit = 1u << (nt * 4 + 2 * rh);
+        // -dF of the two rows: dL, minus the memory term where F < mem_tau.
+        float y0 = dlt[nt][2 * rh], y1 = dlt[nt][2 * rh + 1];
+        if (below_tau & bit) y0 -= s_dmem[nt * 8 + 2 * t];
+        if (below_tau & (bit << 1)) y1 -= s_dmem[nt * 8 + 2 * t + 1];
+        float inc = y0 + y1;  // becomes the sum over lanes t' >= t of the slice
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          const float y = __shfl_down_sync(0xffffffffu, inc, off);
+          if (t + off <= 3) inc += y;
+        }
+        float exc = __shfl_down_sync(0xffffffffu, inc, 1);
+        if (t == 3) exc = 0.f;
+        dat[nt][2 * rh + 1] = (positive & (bit << 1)) ? -(carry + exc) : 0.f;
+        dat[nt][2 * rh] = (positive & bit) ? -(carry + exc + y1) : 0.f;
+        carry += __shfl_sync(0xffffffffu, inc, lane & ~3);  // the slice's total
+      }
+      dl_suffix[rh] = carry;
+    }
+
+    // dKsel += dA^T Qsel, accumulated in shared memory.
+    tc_accumulate_xt_y_smem<T, kD>(s_dks, dat, s_qsel, warp, lane);
+
+    // dL^T and dA^T to shared memory ([key][row]) for the row-side products.
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int kl = warp * 16 + g, rl = nt * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(s_dlt + kl * kPStride + rl) = pack2<T>(dlt[nt][0], dlt[nt][1]);
+      *reinterpret_cast<uint32_t*>(s_dlt + (kl + 8) * kPStride + rl) =
+          pack2<T>(dlt[nt][2], dlt[nt][3]);
+      *reinterpret_cast<uint32_t*>(s_dat + kl * kPStride + rl) = pack2<T>(dat[nt][0], dat[nt][1]);
+      *reinterpret_cast<uint32_t*>(s_dat + (kl + 8) * kPStride + rl) =
+          pack2<T>(dat[nt][2], dat[nt][3]);
+    }
+    __syncthreads();
+
+    // dQ += scale dL K and dQsel += scale dA Ksel; warps now split the query rows.
+    tc_rows_times_keys_atomic<T, kD>(s_dlt, s_k, dq, row0, n, scale, warp, lane);
+    tc_rows_times_keys_atomic<T, kD>(s_dat, s_ksel, dq_sel, row0, n, scale, warp, lane);
+  }
+
+  // This thread's keys: dV, dK from registers, dKsel from its own shared-memory elements.
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int64_t j = rh == 0 ? key_lo : key_hi;
+    if (j >= n) continue;
+    const int kl = warp * 16 + g + 8 * rh;
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      atomicAdd(dv + j * kD + d, dv_acc[dt][2 * rh]);
+      atomicAdd(dv + j * kD + d + 1, dv_acc[dt][2 * rh + 1]);
+      if constexpr (kDkInSmem) {
+        atomicAdd(dk + j * kD + d, scale * s_dk[kl * kAccStride + d]);
+        atomicAdd(dk + j * kD + d + 1, scale * s_dk[kl * kAccStride + d + 1]);
+      } else {
+        atomicAdd(dk + j * kD + d, scale * dk_acc[dt][2 * rh]);
+        atomicAdd(dk + j * kD + d + 1, scale * dk_acc[dt][2 * rh + 1]);
+      }
+      atomicAdd(dk_sel + j * kD + d, scale * s_dks[kl * kAccStride + d]);
+      atomicAdd(dk_sel + j * kD + d + 1, scale * s_dks[kl * kAccStride + d + 1]);
+    }
+  }
+}
+
+template <typename T, int kD>
+cudaError_t launch_tc_bwd_hdim(const PrefillParams& p, cudaStream_t stream) {
+  using Cfg = TcBwdConfig<T, kD>;
+  constexpr int kChunks = (kD + kTile - 1) / kTile;
+  // Checked before anything is enqueued: cudaErrorNotSupported lets the launcher fall back to
+  // the SIMT backward (e.g. head dim 128 needs ~190 KB, more than an A100 block may have).
+  int device = 0, smem_optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (size_t(smem_optin) < Cfg::kSmemBytes) return cudaErrorNotSupported;
+  err = bwd_prologue<T, kChunks>(p, stream);
+  if (err != cudaSuccess) return err;
+  auto kernel = tc_bwd_kernel<T, kD>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(ceil_div(p.seqlen, Cfg::kBlockN)), unsigned(p.heads_q),
+                  unsigned(p.batch));
+  err = launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
+                      bwd_accum<float>(p));
+  if (err != cudaSuccess) return err;
+  return bwd_epilogue<T>(p, stream);
+}
+
+}  // namespace selattn::cuda

@@ -1,0 +1,301 @@
+// Tensor-core prefill forward for bf16/fp16, head dims 32, 64, 96, 128 (flash-attention-2
+// style, mma.sync.m16n8k16, fp32 accumulate). Torch-free.
+//
+// One CTA (4 warps) per (query block of 64 rows, q head, batch); warp w owns rows 16w..16w+15.
+// Per key tile of 64 keys (K, K_sel, V staged in padded shared memory):
+//   1. A = Q_sel K_sel^T with the tensor cores; S = relu(scale * A) where 1 <= j < i.
+//   2. F = Poff[block] + exclusive cumsum of S down the block's rows: a shuffle scan over the
+//      8 row groups of each warp's fragment, then the column totals of the warps above (shared
+//      memory), all in fp32.
+//   3. logits = scale * Q K^T - F, causal mask, online softmax on the fragments.
+//   4. O += P V, with P re-packed from the C fragments as the A operand.
+// With p.mem set (auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over each
+// row's keys j <= i from the F fragments of step 2 and write mem[b][i] once at the end (one
+// head-0 CTA per row: no atomics).
+// The launcher only picks this path when every row is 16-byte aligned (see tc_fwd_eligible).
+#pragma once
+
+#include "cuda/arch.cuh"
+#include "cuda/prefill/prepass.cuh"
+
+namespace selattn::cuda {
+
+template <typename T, int kD>
+struct TcFwdConfig {
+  static_assert(kD % 16 == 0 && kD <= 128, "head dim must be a multiple of 16, at most 128");
+  static constexpr int kBlockM = 64;  // query rows per CTA
+  static constexpr int kBlockN = 64;  // keys per tile
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  // +8 elements (16 bytes) per row: the 8 row addresses of an ldmatrix hit distinct banks.
+  static constexpr int kStride = kD + 8;
+  static constexpr size_t kSmemBytes =
+      size_t(2 * kBlockM + 3 * kBlockN) * kStride * sizeof(T) + kWarps * kBlockN * sizeof(float);
+};
+
+// Rows [row0, row0 + kRows) of a (n x kD) matrix into padded shared memory, 16 bytes at a
+// time; zeros past row n.
+template <typename T, int kD, int kRows, int kThreadCount>
+__device__ __forceinline__ void tc_load_rows(T* smem, const T* src, int64_t row_stride,
+                                             int64_t row0, int64_t n) {
+  constexpr int kVecs = kD / 8;  // 8 x 16-bit per 16-byte vector
+  constexpr int kStride = kD + 8;
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreadCount) {
+    const int r = e / kVecs, c = (e % kVecs) * 8;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (row0 + r < n) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * row_stride + c);
+    *reinterpret_cast<uint4*>(smem + r * kStride + c) = val;
+  }
+}
+
+// acc (16 rows of this warp x 64 keys, as 8 C fragments) = X[warp rows] Y^T over kD.
+// kRollK keeps the k loop rolled (fewer ldmatrix results in flight: for register-tight callers).
+template <typename T, int kD, bool kRollK = false>
+__device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, const T* sy,
+                                            int warp, int lane) {
+  constexpr int kStride = kD + 8;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+#pragma unroll(kRollK ? 1 : kD / 16)
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sx + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride + ks * 16 +
+                       8 * (lane / 16));
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {  // pairs of 8-key n-tiles
+      uint32_t b[4];
+      ldmatrix_x4(b, sy + (np * 16 + (lane % 8) + 8 * (lane / 16)) * kStride + ks * 16 +
+                         8 * ((lane / 8) % 2));
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
+    tc_fwd_kernel(const PrefillParams p, const float* __restrict__ poff) {
+  using Cfg = TcFwdConfig<T, kD>;
+  constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStride = Cfg::kStride;
+  constexpr int kThr = Cfg::kThreads;
+  SELATTN_DYNAMIC_SHARED(smem_raw);
+  T* s_q = reinterpret_cast<T*>(smem_raw);
+  T* s_qsel = s_q + kBM * kStride;
+  T* s_k = s_qsel + kBM * kStride;
+  T* s_ksel = s_k + kBN * kStride;
+  T* s_v = s_ksel + kBN * kStride;
+  float* s_warp_tot = reinterpret_cast<float*>(s_v + kBN * kStride);  // [kWarps][kBN]
+
+  const int64_t n = p.seqlen;
+  const int64_t nqb = ceil_div(n, kBM);
+  const int64_t qb = nqb - 1 - blockIdx.x;  // longest rows first
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int64_t row0 = qb * kBM;
+  const int64_t last_row = row0 + kBM - 1 < n - 1 ? row0 + kBM - 1 : n - 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const float scale = float(p.scale);
+  const int64_t i_lo = row0 + warp * 16 + g, i_hi = i_lo + 8;  // this thread's two rows
+  const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;  // uniform per CTA
+  const float mem_tau = float(p.mem_tau);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
+  // Poff is kept per 32-row block; the 64-row block starting at row0 is block row0 / 32.
+  const float* poff_block = poff + (b * num_sel_blocks(n) + row0 / kSelBlockRows) * n;
+
+  tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
+  tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
+
+  float o[kD / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < kD / 8; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[dt][c] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows i_lo, i_hi
+  float mem_part[2] = {0.f, 0.f};  // this lane's share of sum_j min(F, mem_tau), rows i_lo, i_hi
+
+  for (int64_t col0 = 0; col0 <= last_row; col0 += kBN) {
+    __syncthreads();  // the previous tile's readers of s_k/s_ksel/s_v/s_warp_tot are done
+    tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
+    tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
+    tc_load_rows<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
+    __syncthreads();
+
+    // 1-2. Selection tile, then F in place: f[nt][c] for (row, key) = C-fragment element.
+    float f[8][4];
+    tc_gemm_xyt<T, kD>(f, s_qsel, s_ksel, warp, lane);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t j = col0 + nt * 8 + 2 * t + c;
+        const float s_lo = selection_score(scale * f[nt][c], i_lo, j, n);
+        const float s_hi = selection_score(scale * f[nt][2 + c], i_hi, j, n);
+        // Inclusive scan over the row groups g = 0..7 (lanes 4 apart share t, i.e. the key).
+        float inc_lo = s_lo, inc_hi = s_hi;
+#pragma unroll
+        for (int off = 1; off < 8; off <<= 1) {
+          const float y_lo = __shfl_up_sync(0xffffffffu, inc_lo, 4 * off);
+          const float y_hi = __shfl_up_sync(0xffffffffu, inc_hi, 4 * off);
+          if (g >= off) inc_lo += y_lo, inc_hi += y_hi;
+        }
+        const float tot_lo = __shfl_sync(0xffffffffu, inc_lo, 28 + t);  // rows 0..7 of the warp
+        const float tot_hi = __shfl_sync(0xffffffffu, inc_hi, 28 + t);  // rows 8..15
+        float exc_lo = __shfl_up_sync(0xffffffffu, inc_lo, 4);
+        float exc_hi = __shfl_up_sync(0xffffffffu, inc_hi, 4);
+        if (g == 0) exc_lo = 0.f, exc_hi = 0.f;
+        f[nt][c] = exc_lo;
+        f[nt][2 + c] = tot_lo + exc_hi;
+        if (g == 0) s_warp_tot[warp * kBN + nt * 8 + 2 * t + c] = tot_lo + tot_hi;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = nt * 8 + 2 * t + c;
+        const int64_t j = col0 + col;
+        float base = j < n ? poff_block[j] : 0.f;
+        for (int w = 0; w < warp; ++w) base += s_warp_tot[w * kBN + col];
+        f[nt][c] += base;
+        f[nt][2 + c] += base;
+      }
+    }
+
+    if (sum_mem) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int64_t i = c < 2 ? i_lo : i_hi;
+          const int64_t j = col0 + nt * 8 + 2 * t + (c % 2);
+          if (i < n && j <= i) mem_part[c / 2] += fminf(f[nt][c], mem_tau);
+        }
+      }
+    }
+
+    // 3. Logits and online softmax (rows i_lo: c = 0, 1; rows i_hi: c = 2, 3).
+    float s[8][4];
+    tc_gemm_xyt<T, kD>(s, s_q, s_k, warp, lane);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t i = c < 2 ? i_lo : i_hi;
+        const int64_t j = col0 + nt * 8 + 2 * t + (c % 2);
+        const bool valid = i < n && j <= i;
+        s[nt][c] = valid ? scale * s[nt][c] - f[nt][c] : -INFINITY;
+        tile_max[c / 2] = fmaxf(tile_max[c / 2], s[nt][c]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      // The four lanes of a row group (t = 0..3) hold the row's 64 logits.
+      tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 1));
+      tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 2));
+      const float m_new = fmaxf(m[rh], tile_max[rh]);
+      // m == -inf: nothing accumulated yet (o, l are 0); also avoids exp(-inf - -inf).
+      alpha[rh] = m[rh] == -INFINITY ? 0.f : __expf(m[rh] - m_new);
+      m[rh] = m_new;
+    }
+    float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int rh = c / 2;
+        // A -inf logit gives p = 0 explicitly; its row max m may itself be -inf (rows >= n).
+        s[nt][c] = s[nt][c] == -INFINITY ? 0.f : __expf(s[nt][c] - m[rh]);
+        row_sum[rh] += s[nt][c];
+      }
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 1);
+      row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 2);
+      l[rh] = l[rh] * alpha[rh] + row_sum[rh];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+    }
+
+    // 4. O += P V; 16 keys per k-step: n-tiles 2kk and 2kk+1 of P form one A fragment.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < kD / 16; ++dn) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, s_v + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                                  dn * 16 + 8 * (lane / 16));
+        mma_16816<T>(o[2 * dn], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * dn + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
+  float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + h) * n;
+  if (sum_mem) {
+    float* mem = static_cast<float*>(p.mem) + b * n;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      // The four lanes t of a row group hold the row's keys; all 32 lanes shuffle.
+      float row_sum = mem_part[rh];
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+      row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+      const int64_t i = rh == 0 ? i_lo : i_hi;
+      if (t == 0 && i < n) mem[i] = row_sum;
+    }
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int64_t i = rh == 0 ? i_lo : i_hi;
+    if (i >= n) continue;
+    const float inv_l = 1.f / l[rh];  // key 0 is always visible: l >= 1
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      const int d = dt * 8 + 2 * t;
+      store_elem(out + i * p.out_row_stride + d, o[dt][2 * rh] * inv_l);
+      store_elem(out + i * p.out_row_stride + d + 1, o[dt][2 * rh + 1] * inv_l);
+    }
+    if (t == 0) lse[i] = m[rh] + __logf(l[rh]);
+  }
+}
+
+template <typename T, int kD>
+cudaError_t launch_tc_fwd_hdim(const PrefillParams& p, cudaStream_t stream) {
+  using Cfg = TcFwdConfig<T, kD>;
+  float* poff = static_cast<float*>(p.workspace);
+  constexpr int kChunks = (kD + kTile - 1) / kTile;
+  cudaError_t err = launch_selection_prepass<T, kChunks>(p, poff, stream);
+  if (err != cudaSuccess) return err;
+  if (p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
+  auto kernel = tc_fwd_kernel<T, kD>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(unsigned(ceil_div(p.seqlen, Cfg::kBlockM)), unsigned(p.heads_q),
+                  unsigned(p.batch));
+  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, poff);
+}
+
+}  // namespace selattn::cuda

@@ -1,6 +1,0 @@
-// SIMT prefill bwd for double (every head dim 1..256); one dtype per file so builds parallelise.
-#include "cuda/prefill_simt_bwd.cuh"
-
-namespace selattn::cuda {
-template cudaError_t launch_simt_bwd<double>(const PrefillParams&, cudaStream_t);
-}  // namespace selattn::cuda

@@ -1,7 +1,0 @@
-// Tensor-core prefill forward, head dim 64, __nv_bfloat16; one (head dim, dtype) per file so builds
-// parallelise.
-#include "cuda/prefill_tc_fwd.cuh"
-
-namespace selattn::cuda {
-template cudaError_t launch_tc_fwd_hdim<__nv_bfloat16, 64>(const PrefillParams&, cudaStream_t);
-}  // namespace selattn::cuda

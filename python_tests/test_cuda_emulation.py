@@ -1,0 +1,193 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the host execution target (DESIGN §4.1;
+tools/cuda_emulation/emulated.py) and checked against the fp64 reference.
+
+Covered here (CI): each inline-PTX wrapper and shuffle against its definition, the fp16/bf16
+conversions bit for bit against torch's, every prefill and decode instantiation once at a
+small shape that crosses the tiles, the runtime's own diagnostics, and one planted defect.
+The full matrix and the sanitizer builds: `python tools/cuda_emulation/run_all.py`.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools", "cuda_emulation"))
+
+import cases  # noqa: E402
+import emulated  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the emulation needs Linux/g++")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emulated.load()
+
+
+# ---- conversions --------------------------------------------------------------------------
+
+def _interesting_floats():
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(20000, generator=g) * torch.logspace(-30, 30, 20000, base=2.0)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e9,
+                          2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26,
+                          3.0 * 2.0 ** -25, 6.1e-5, float("inf"), float("-inf"), 3.4e38,
+                          1e-40, 1.00048828125, 1.0009765625, 1.00146484375, 1.001953125])
+    # Exact ties of both formats: midpoints between neighbours.
+    halves = torch.arange(0, 1 << 15, 97, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    ties_h = (halves.float()[:-1] + halves.float()[1:]) / 2
+    bfs = torch.arange(0, 1 << 15, 89, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    ties_b = (bfs.float()[:-1].double() + bfs.float()[1:].double()).div(2).float()
+    return torch.cat([rnd, edges, ties_h, ties_b]).float()
+
+
+def test_fp16_bf16_conversions_are_bit_exact(emu):
+    x = _interesting_floats()
+    x = x[torch.isfinite(x) | torch.isinf(x)]
+    h, b = emu.convert(x)
+    assert torch.equal(h, x.to(torch.float16).view(torch.int16))
+    assert torch.equal(b, x.to(torch.bfloat16).view(torch.int16))
+    nan_h, nan_b = emu.convert(torch.tensor([float("nan")]))
+    assert torch.isnan(nan_h.view(torch.float16)).all() and torch.isnan(nan_b.view(torch.bfloat16)).all()
+    allbits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    fh, fb = emu.widen(allbits, allbits)
+    ok = ~torch.isnan(allbits.view(torch.float16))
+    assert torch.equal(fh[ok], allbits.view(torch.float16).float()[ok])
+    ok = ~torch.isnan(allbits.view(torch.bfloat16))
+    assert torch.equal(fb[ok], allbits.view(torch.bfloat16).float()[ok])
+
+
+# ---- inline-PTX wrappers against the PTX ISA tables ----------------------------------------
+
+def _bits(t):
+    return t.view(torch.int16).to(torch.int64) & 0xffff
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_matches_the_isa_table(emu, trans):
+    tile = torch.arange(32 * 8, dtype=torch.int32).to(torch.int16).view(32, 8)
+    regs = emu.ldmatrix(tile, trans)
+    val = _bits(tile)
+    for lane in range(32):
+        for m in range(4):
+            if not trans:  # row lane/4 of matrix m, columns 2(lane%4) and +1
+                lo, hi = val[8 * m + lane // 4, 2 * (lane % 4)], val[8 * m + lane // 4, 2 * (lane % 4) + 1]
+            else:  # column lane/4, rows 2(lane%4) and +1
+                lo, hi = val[8 * m + 2 * (lane % 4), lane // 4], val[8 * m + 2 * (lane % 4) + 1, lane // 4]
+            assert int(regs[lane, m]) == int(lo) | (int(hi) << 16), (lane, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_m16n8k16_matches_the_isa_table(emu, dtype):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 16, generator=g).to(dtype)
+    b = torch.randn(16, 8, generator=g).to(dtype)
+    c0 = torch.randn(16, 8, generator=g)
+    ab, bb = _bits(a), _bits(b)
+    frags = torch.zeros(32, 6, dtype=torch.int64)
+    cin = torch.zeros(32, 4)
+    for lane in range(32):
+        gq, t = lane // 4, lane % 4
+        # A: a0 (g, 2t..) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..); B: b0 (k 2t.., n g),
+        # b1 (k 2t+8.., n g); C: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..)
+        for r, (row, col) in enumerate(((gq, 2 * t), (gq + 8, 2 * t), (gq, 2 * t + 8),
+                                        (gq + 8, 2 * t + 8))):
+            frags[lane, r] = ab[row, col] | (ab[row, col + 1] << 16)
+        for r, k0 in enumerate((2 * t, 2 * t + 8)):
+            frags[lane, 4 + r] = bb[k0, gq] | (bb[k0 + 1, gq] << 16)
+        for i in range(4):
+            cin[lane, i] = c0[gq + 8 * (i // 2), 2 * t + i % 2]
+    d = emu.mma(frags, cin, dtype == torch.bfloat16)
+    want = a.double() @ b.double() + c0.double()
+    for lane in range(32):
+        gq, t = lane // 4, lane % 4
+        for i in range(4):
+            assert abs(float(d[lane, i]) - float(want[gq + 8 * (i // 2), 2 * t + i % 2])) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b_is_k_by_n", [False, True], ids=["B_as_KT", "B_as_V"])
+def test_kernel_addressing_gives_the_matrix_product(emu, dtype, b_is_k_by_n):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(16, 16, generator=g).to(dtype)
+    b = torch.randn(16, 16, generator=g).to(dtype)
+    c = emu.gemm(a, b, b_is_k_by_n)
+    assert torch.allclose(c.double(), a.double() @ b.double(), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("width", [32, 8])
+@pytest.mark.parametrize("arg", [1, 3, 5])
+def test_shuffles_follow_the_cuda_semantics(emu, arg, width):
+    out = emu.shuffles(arg, width)
+    for lane in range(32):
+        seg = lane - lane % width
+        idx = seg + arg % width
+        up = lane - arg if lane - arg >= seg else lane
+        down = lane + arg if lane + arg < seg + width else lane
+        x = lane ^ arg
+        xor = x if x - x % width <= seg else lane
+        assert out[:, lane].tolist() == [100 + idx, 100 + up, 100 + down, 100 + xor], lane
+
+
+def test_a_barrier_not_reached_by_every_thread_is_reported(emu):
+    rc, reports = emu.divergent_barrier()
+    assert rc != 0 and any("deadlock" in r for r in reports)
+
+
+# ---- the kernels against the reference -----------------------------------------------------
+
+def _ids(cs):
+    return [f"{c.path}-{cases.NAMES[c.dtype]}-d{c.head_dim}" for c in cs]
+
+
+@pytest.mark.parametrize("case", cases.ci_prefill_cases(), ids=_ids(cases.ci_prefill_cases()))
+def test_prefill_kernels_match_the_reference(emu, case):
+    records = cases.check_prefill(emu, case)
+    bad = [r for r in records if not r["passed"]]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case", cases.ci_decode_cases(),
+                         ids=[f"{cases.NAMES[c.dtype]}-d{c.head_dim}-c{c.max_chunk}"
+                              for c in cases.ci_decode_cases()])
+def test_decode_kernels_match_the_reference(emu, case):
+    records = cases.check_decode(emu, case)
+    assert records[0]["passed"], records
+
+
+def test_tensor_core_path_refuses_what_it_cannot_run(emu):
+    q = torch.randn(1, 1, 40, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        emu.prefill_fwd(q, q, q, q[:, 0], q[:, 0], 0.125, path="tc")
+    q = torch.randn(1, 1, 40, 48, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim"):
+        emu.prefill_fwd(q, q, q, q[:, 0], q[:, 0], 0.125, path="tc")
+
+
+def test_misaligned_rows_fall_back_to_simt(emu):
+    # A view one element into its storage: 16-byte loads would fault, so the launcher must
+    # choose the SIMT kernel on its own.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1 * 2 * 40 * 64 + 1, generator=g).to(torch.bfloat16)
+    q = base[1:].view(1, 2, 40, 64)
+    k, v = q[:, :1], q[:, 1:]
+    os.environ.pop("SELATTN_CUDA_FORCE_SIMT", None)
+    os.environ["SELATTN_CUDA_TC_BWD"] = "1"
+    with pytest.raises(ValueError, match="aligned"):
+        emu.prefill_fwd(q, k, v, q[:, 0], k[:, 0], 0.125, path="tc")
+    out, _ = emu.prefill_fwd(q, k, v, q[:, 0], k[:, 0], 0.125, path="simt")
+    ref = cases.reference.attention(q.double(), k.double(), v.double(), q_sel=q[:, 0].double(),
+                                    k_sel=k[:, 0].double(), scale=0.125)
+    assert (out.double() - ref).abs().max() < 0.05
+
+
+# ---- a planted defect must be caught --------------------------------------------------------
+
+def test_a_planted_fragment_defect_is_caught():
+    broken = emulated.load(defect="fragment_index")
+    case = cases.PrefillCase(torch.bfloat16, 32, seqlen=40, path="tc")
+    records = cases.check_prefill(broken, case, backward=False)
+    assert not all(r["passed"] for r in records)

@@ -1,0 +1,250 @@
+"""Cases for the emulated CUDA kernels, checked against the fp64 reference (DESIGN §7).
+
+Shared by python_tests/test_cuda_emulation.py (a representative subset, in CI) and
+run_all.py (the full matrix, optionally under the sanitizers). Each check returns a record
+{kernel, dtype, head_dim, shape, max_err, tol, passed, ...}; tolerances follow FlashAttention:
+|ours - oracle| <= 2 |eager low precision - oracle| + 1e-5 (3x for gradients), with the
+oracle in fp64 on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from selattn_ext import reference
+
+NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+         torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class PrefillCase:
+    dtype: torch.dtype
+    head_dim: int
+    batch: int = 1
+    heads_q: int = 2
+    heads_kv: int = 1
+    seqlen: int = 70
+    sel_head: int = 1
+    explicit_sel: bool = False  # q_sel/k_sel drawn independently instead of a head
+    mem_tau: Optional[float] = None
+    dlse: bool = False
+    sink: bool = False  # key 0 very attractive: long suffix sums in the backward
+    path: str = "simt"
+    seed: int = 0
+
+    @property
+    def shape(self):
+        return [self.batch, self.heads_q, self.heads_kv, self.seqlen, self.head_dim]
+
+
+def _inputs(c: PrefillCase):
+    g = torch.Generator().manual_seed(c.seed)
+    B, Hq, Hkv, N, D = c.shape
+    # Logit std >= 1 so F matters (DESIGN §7): entries of q.k*scale ~ N(0, 1.5^4).
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64) * 1.5
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64) * 1.5
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+    if c.sink:
+        k[:, :, 1] = q.mean(dim=(1, 2))[:, None] * 4.0  # key 1 (BOS is never selected)
+    if c.explicit_sel:
+        qs = torch.randn(B, N, D, generator=g, dtype=torch.float64) * 1.5
+        ks = torch.randn(B, N, D, generator=g, dtype=torch.float64) * 1.5
+    else:
+        grp = Hq // Hkv
+        qs, ks = q[:, c.sel_head].clone(), k[:, c.sel_head // grp].clone()
+    dout = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64)
+    dlse = torch.randn(B, Hq, N, generator=g, dtype=torch.float64) if c.dlse else None
+    dmem = torch.randn(B, N, generator=g, dtype=torch.float64) if c.mem_tau else None
+    # Round to the test dtype once: the oracle sees exactly the kernel's inputs.
+    rnd = [t.to(c.dtype) if t is not None else None for t in (q, k, v, qs, ks, dout)]
+    return rnd, dlse, dmem
+
+
+def _reference(c: PrefillCase, q, k, v, qs, ks, dout, dlse, dmem, dtype):
+    """Forward values and gradients of the reference in `dtype` (fp64: the oracle)."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, qs, ks)]
+    D = q.shape[-1]
+    res = reference.attention(*leaves[:3], q_sel=leaves[3], k_sel=leaves[4], scale=D ** -0.5,
+                              return_lse=True, memory_tau=c.mem_tau, return_f=True)
+    out, lse, f = res[0], res[1], res[-1]
+    # The op's mem output is R = sum_j min(F, tau), the row sum behind the memory loss.
+    mem = reference.memory_rowsum(f, c.mem_tau) if c.mem_tau else None
+    loss = (out * dout.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.to(lse.dtype)).sum()
+    if mem is not None:
+        loss = loss + (mem * dmem.to(mem.dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return out.detach(), lse.detach(), (mem.detach() if mem is not None else None), grads, f
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_prefill(emu, c: PrefillCase, backward: bool = True) -> list:
+    """Runs the emulated forward (and backward) of case c; one record per output checked."""
+    (q, k, v, qs, ks, dout), dlse, dmem = _inputs(c)
+    D = c.head_dim
+    scale = D ** -0.5
+    o64, lse64, mem64, g64, f64 = _reference(c, q, k, v, qs, ks, dout, dlse, dmem, torch.float64)
+    low = c.dtype if c.dtype != torch.float64 else torch.float64
+    olo, lselo, memlo, glo, _ = _reference(c, q, k, v, qs, ks, dout, dlse, dmem, low)
+    assert f64.max().item() > 1.0, "inputs too tame: F never exceeds 1"
+    res = emu.prefill_fwd(q, k, v, qs, ks, scale, c.mem_tau, path=c.path)
+    out, lse = res[0], res[1]
+    base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
+                sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
+                mem_tau=c.mem_tau, dlse=c.dlse, sink=c.sink)
+    records = []
+
+    def rec(kernel, name, ours, oracle, eager, factor):
+        err = _err(ours, oracle)
+        tol = factor * _err(eager, oracle) + 1e-5
+        finite = bool(torch.isfinite(ours).all())
+        records.append(dict(base, kernel=kernel, output=name, max_err=err, tol=tol,
+                            passed=finite and err <= tol))
+
+    kf = f"{c.path}_fwd"
+    rec(kf, "out", out, o64, olo, 2)
+    rec(kf, "lse", lse, lse64, lselo, 2)
+    if c.mem_tau:
+        rec(kf, "mem", res[2], mem64, memlo, 2)
+    if backward:
+        grads = emu.prefill_bwd(dout, q, k, v, qs, ks, out, lse,
+                                dlse.to(lse.dtype) if dlse is not None else None, scale,
+                                dmem.to(lse.dtype) if dmem is not None else None, c.mem_tau,
+                                path=c.path)
+        for name, ours, oracle, eager in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), grads, g64,
+                                             glo):
+            rec(f"{c.path}_bwd", name, ours, oracle, eager, 3)
+    return records
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodeCase:
+    dtype: torch.dtype
+    head_dim: int
+    heads_q: int = 2
+    heads_kv: int = 1
+    batch: int = 2
+    budget: int = 6
+    max_chunk: int = 1
+    tau: Optional[float] = None
+    sel_head: int = 0
+    steps: int = 8
+    ragged: bool = False
+    seed: int = 0
+
+    @property
+    def shape(self):
+        return [self.batch, self.heads_q, self.heads_kv, self.budget, self.max_chunk, self.head_dim]
+
+
+def check_decode(emu, c: DecodeCase) -> list:
+    """Runs a multi-step schedule through the emulated decode kernels and the eager
+    ReferenceKVCache (fp64 on the same rounded inputs): outputs, kept positions, F, seq_len."""
+    g = torch.Generator().manual_seed(c.seed)
+    B, Hq, Hkv, D = c.batch, c.heads_q, c.heads_kv, c.head_dim
+    slots = c.budget + c.max_chunk
+    fdt = torch.float64 if c.dtype == torch.float64 else torch.float32
+    # 16-byte aligned rows, as a SelectiveKVCache allocates them.
+    kc = torch.zeros(B, Hkv, slots, D, dtype=c.dtype)
+    vc = torch.zeros_like(kc)
+    f = torch.zeros(B, slots, dtype=fdt)
+    pos = torch.full((B, slots), -1, dtype=torch.int64)
+    seq = torch.zeros(B, dtype=torch.int64)
+    oracle = reference.ReferenceKVCache(c.budget, tau=c.tau, sel_head=c.sel_head)
+    eager = reference.ReferenceKVCache(c.budget, tau=c.tau, sel_head=c.sel_head)
+    worst_ratio, worst, worst_tol, same_state = -1.0, 0.0, 0.0, True
+    for s in range(c.steps):
+        n = int(torch.randint(1, c.max_chunk + 1, (), generator=g))
+        q = (torch.randn(B, Hq, n, D, generator=g, dtype=torch.float64) * 1.5).to(c.dtype)
+        k = (torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64) * 1.5).to(c.dtype)
+        v = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64).to(c.dtype)
+        lengths = (torch.randint(0, n + 1, (B,), generator=g) if c.ragged and s % 3 == 2
+                   else None)
+        out = emu.decode_step(q, k, v, kc, vc, f, pos, seq, lengths, D ** -0.5, c.sel_head % Hq,
+                              c.budget, c.tau)
+        lens = None if lengths is None else lengths.tolist()
+        expected = oracle.step(q.double(), k.double(), v.double(), lengths=lens)
+        # Eager low precision: the reference in the accumulation type, output rounded to dtype.
+        lowp = eager.step(q.to(fdt), k.to(fdt), v.to(fdt), lengths=lens)
+        err = _err(out, expected)  # rows past a sequence's length: 0 in both
+        tol = 2 * _err(lowp.to(c.dtype), expected) + 1e-5
+        if err / tol > worst_ratio:
+            worst_ratio, worst, worst_tol = err / tol, err, tol
+        kept = [sorted(p for p in row if p >= 0) for row in pos.tolist()]
+        if kept != oracle.positions() or seq.tolist() != [st["length"] for st in oracle.seqs]:
+            same_state = False
+        ftol = 1e-9 if c.dtype == torch.float64 else 1e-3
+        for b in range(B):
+            ours = {p: float(f[b, j]) for j, p in enumerate(pos[b].tolist()) if p >= 0}
+            theirs = dict(zip(oracle.seqs[b]["pos"], oracle.seqs[b]["f"].tolist()))
+            if set(ours) != set(theirs) or any(abs(ours[p] - theirs[p]) > ftol for p in ours):
+                same_state = False
+    passed = same_state and worst <= worst_tol and bool(torch.isfinite(out).all())
+    return [dict(kernel="decode", dtype=NAMES[c.dtype], head_dim=D, shape=c.shape,
+                 chunk=c.max_chunk, tau=c.tau, sel_head=c.sel_head, ragged=c.ragged,
+                 steps=c.steps, max_err=worst, tol=worst_tol, passed=bool(passed))]
+
+
+# ---- the matrices ----------------------------------------------------------------------------
+
+def ci_prefill_cases():
+    """Every prefill instantiation (file) at least once, small shapes crossing the tiles."""
+    cases = []
+    # SIMT: one dtype per instantiation file; head dims cover 1, 2, 4 and 8 chunks.
+    for dt, d in ((torch.float32, 33), (torch.float64, 16), (torch.bfloat16, 72),
+                  (torch.float16, 160)):
+        cases.append(PrefillCase(dt, d, seqlen=45, heads_q=2, heads_kv=1, sel_head=1,
+                                 dlse=True, path="simt"))
+    # Tensor cores: every (head dim, dtype) file.
+    for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
+        cases.append(PrefillCase(dt, d, seqlen=70, heads_q=2, heads_kv=1, sel_head=1,
+                                 path="tc", dlse=d == 64, mem_tau=1.0 if d == 32 else None))
+    return cases
+
+
+def ci_decode_cases():
+    return [DecodeCase(torch.float32, 64, steps=6, budget=5, max_chunk=3, ragged=True, seed=1),
+            DecodeCase(torch.float64, 32, steps=6, budget=4, tau=1.5, sel_head=1, seed=2),
+            DecodeCase(torch.bfloat16, 64, steps=5, budget=5, seed=3),
+            DecodeCase(torch.float16, 128, steps=5, budget=4, max_chunk=2, seed=4)]
+
+
+def full_prefill_cases():
+    cases = list(ci_prefill_cases())
+    for dt, d in itertools.product((torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                                   (7, 64, 129)):
+        cases.append(PrefillCase(dt, d, batch=2, seqlen=97, heads_q=4, heads_kv=2, sel_head=3,
+                                 path="simt", seed=11))
+        cases.append(PrefillCase(dt, d, batch=1, seqlen=70, heads_q=2, heads_kv=2,
+                                 explicit_sel=True, mem_tau=0.8, dlse=True, path="simt", seed=12))
+    for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
+        cases.append(PrefillCase(dt, d, batch=2, seqlen=150, heads_q=4, heads_kv=2, sel_head=2,
+                                 path="tc", seed=13))
+        cases.append(PrefillCase(dt, d, batch=1, seqlen=129, heads_q=2, heads_kv=1,
+                                 explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=14))
+    # fp16 tensor-core backward, long N with an attention sink: dA's suffix sums grow with N.
+    cases.append(PrefillCase(torch.float16, 64, seqlen=1024, heads_q=1, heads_kv=1, sel_head=0,
+                             sink=True, path="tc", seed=15))
+    return cases
+
+
+def full_decode_cases():
+    cases = list(ci_decode_cases())
+    for dt, d in itertools.product((torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                                   (32, 96, 256)):
+        cases.append(DecodeCase(dt, d, heads_q=4, heads_kv=2, batch=2, budget=6, max_chunk=4,
+                                ragged=True, sel_head=3, steps=8, seed=20))
+        cases.append(DecodeCase(dt, d, heads_q=2, heads_kv=1, batch=1, budget=40, max_chunk=1,
+                                tau=0.8, steps=10, seed=21))
+    return cases

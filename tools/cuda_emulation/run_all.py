@@ -1,0 +1,161 @@
+"""The full emulation matrix: every CUDA kernel on the CPU against the fp64 reference, optionally
+under a sanitizer, plus the planted defects.
+
+    python tools/cuda_emulation/run_all.py --json FILE [--sanitize address|thread] [--quick]
+                                           [--defects] [--only SUBSTRING]
+
+Writes one JSON record per case and output: kernel, dtype, head_dim, shape, max_err, tol,
+passed, and the number of sanitizer reports the case produced (ASan/UBSan errors or TSan
+warnings in its stderr) plus the emulation runtime's own reports. With --defects, each planted
+defect of emulated.DEFECTS is built and must be caught (a failed comparison, a runtime report
+or a sanitizer report). Exit status 1 if anything failed.
+
+A sanitizer run re-executes this script with the sanitizer runtime preloaded (the library is
+loaded into Python with ctypes). TSan runs are ~15x slower: --quick keeps them short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+SAN_ENV = {
+    "address": {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=0:detect_stack_use_after_return=0:"
+                                "allocator_may_return_null=1",
+                "UBSAN_OPTIONS": "halt_on_error=0:print_stacktrace=1"},
+    "thread": {"TSAN_OPTIONS": "ignore_noninstrumented_modules=1:report_signal_unsafe=0:"
+                               "halt_on_error=0:history_size=4"},
+}
+SAN_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer",
+               "ERROR: ThreadSanitizer")
+
+
+def _reexec_with_runtime(sanitize: str):
+    lib = subprocess.run(["g++", f"-print-file-name={'libasan.so' if sanitize == 'address' else 'libtsan.so'}"],
+                         capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, LD_PRELOAD=lib, SELATTN_EMU_PRELOADED="1", OMP_NUM_THREADS="1",
+               **SAN_ENV[sanitize])
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+class StderrCounter:
+    """Counts sanitizer reports written to fd 2 while a case runs."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        self.offset = 0
+
+    def take(self) -> tuple:
+        sys.stderr.flush()
+        self.file.seek(self.offset)
+        text = self.file.read().decode("utf-8", "replace")
+        self.offset = self.file.tell()
+        count = sum(text.count(m) for m in SAN_MARKERS)
+        return count, text
+
+    def close(self):
+        os.dup2(self.saved, 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="output file (one record per case/output)")
+    ap.add_argument("--sanitize", choices=["address", "thread"])
+    ap.add_argument("--quick", action="store_true", help="the CI subset instead of the full matrix")
+    ap.add_argument("--defects", action="store_true", help="also check the planted defects")
+    ap.add_argument("--only", help="run only cases whose description contains this")
+    args = ap.parse_args()
+    if args.sanitize and os.environ.get("SELATTN_EMU_PRELOADED") != "1":
+        _reexec_with_runtime(args.sanitize)
+
+    import torch
+    torch.set_num_threads(1)
+    import cases
+    import emulated
+
+    emu = emulated.load(sanitize=args.sanitize)
+    prefill = cases.ci_prefill_cases() if args.quick else cases.full_prefill_cases()
+    decode = cases.ci_decode_cases() if args.quick else cases.full_decode_cases()
+    work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode]
+    if args.only:
+        work = [(k, c) for k, c in work if args.only in repr(c)]
+    records = []
+    counter = StderrCounter() if args.sanitize else None
+    start = time.time()
+    try:
+        for kind, c in work:
+            t0 = time.time()
+            try:
+                recs = (cases.check_prefill(emu, c) if kind == "prefill"
+                        else cases.check_decode(emu, c))
+                error = None
+            except Exception as exc:  # a launch failure or runtime report is a failed case
+                recs, error = [dict(kernel=f"{getattr(c, 'path', 'decode')}", dtype=cases.NAMES[c.dtype],
+                                    head_dim=c.head_dim, shape=c.shape, max_err=None, tol=None,
+                                    passed=False)], f"{type(exc).__name__}: {exc}"[:2000]
+            san, text = counter.take() if counter else (0, "")
+            for r in recs:
+                r["sanitizer"] = args.sanitize or "none"
+                r["sanitizer_reports"] = san
+                r["runtime_reports"] = 0 if error is None or "report" not in error else 1
+                r["seconds"] = round(time.time() - t0, 2)
+                if error:
+                    r["error"] = error
+                if san:
+                    r["passed"] = False
+                    r["sanitizer_excerpt"] = text[:3000]
+            records.extend(recs)
+            status = "ok" if all(r["passed"] for r in recs) else "FAIL"
+            print(f"{status:4} {kind:7} {c} {time.time() - t0:.1f}s", file=sys.stdout, flush=True)
+        if args.defects:
+            for name in emulated.DEFECTS:
+                t0 = time.time()
+                broken = emulated.load(sanitize=args.sanitize, defect=name)
+                probe = [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
+                         cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc")]
+                caught, how = False, []
+                for c in probe:
+                    try:
+                        recs = cases.check_prefill(broken, c)
+                        if not all(r["passed"] for r in recs):
+                            caught = True
+                            how.append(f"{c.path}: comparison failed")
+                    except Exception as exc:
+                        caught = True
+                        how.append(f"{c.path}: {type(exc).__name__}")
+                    san, _ = counter.take() if counter else (0, "")
+                    if san:
+                        caught = True
+                        how.append(f"{c.path}: {san} sanitizer report(s)")
+                records.append(dict(kernel="planted_defect", defect=name, dtype="-", head_dim=None,
+                                    shape=None, max_err=None, tol=None, passed=caught,
+                                    caught_by=how, sanitizer=args.sanitize or "none",
+                                    seconds=round(time.time() - t0, 2)))
+                print(f"{'ok' if caught else 'FAIL':4} defect {name}: {how}", flush=True)
+    finally:
+        if counter:
+            counter.close()
+    summary = dict(cases=len(records), failed=sum(not r["passed"] for r in records),
+                   sanitizer=args.sanitize or "none",
+                   sanitizer_reports=sum(r.get("sanitizer_reports", 0) for r in records),
+                   seconds=round(time.time() - start, 1))
+    with open(args.json, "w") as fh:
+        json.dump(dict(summary=summary, records=records), fh, indent=1, default=str)
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
