@@ -12,6 +12,8 @@
 # SELATTN_DIST_DIR=DIR keeps a copy of the sdist and the wheel there (all else is deleted).
 set -euo pipefail
 py=${1:?usage: bash .ci/install_check.sh PYTHON}
+# Absolute (the wheel is built from another folder), without resolving the venv's symlink.
+py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"
 cd "$(dirname "$0")/.."
 work=$(mktemp -d "${TMPDIR:-/tmp}/selattn-install-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
