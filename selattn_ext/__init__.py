@@ -1,14 +1,23 @@
 """selattn_ext: fused selective attention for PyTorch (CPU and CUDA).
 
     out = selattn_ext.attention(q, k, v)            # (B, H, N, D), causal, selection head 0
+    selattn_ext.show_config()                       # how this copy was built
 
 See README.md and shared/DESIGN.md for the semantics.
 """
 
-from . import nn, ops, reference
-from .attention import attention
-from .cache import SelectiveKVCache, decode
-from .memory import memory_loss
+from ._version import __version__
+from . import _config
+from ._config import build_info, show_config
 
-__all__ = ["attention", "decode", "memory_loss", "nn", "ops", "reference", "SelectiveKVCache"]
-__version__ = "0.1.0"
+# Before anything loads the compiled _C: a torch other than the build's gets a "rebuild" error
+# here instead of an undefined-symbol error from the dynamic loader.
+_config.check_build()
+
+from . import nn, ops, reference  # noqa: E402
+from .attention import attention  # noqa: E402
+from .cache import SelectiveKVCache, decode  # noqa: E402
+from .memory import memory_loss  # noqa: E402
+
+__all__ = ["attention", "build_info", "decode", "memory_loss", "nn", "ops", "reference",
+           "SelectiveKVCache", "show_config"]
