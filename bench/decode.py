@@ -5,11 +5,16 @@ For each history length N and budget M (N/32 .. N/2) it times, in one process, a
   eager_full  the same selective step done with torch ops on a full-length cache (F kept for
               all N tokens: logits - F, softmax, @V, then F += relu(selection logits))
   sdpa_full   plain SDPA decode on the full-length cache (no selection: the usual KV cache)
-and reports medians, tokens/s and the ratios eager_full/ours, sdpa_full/ours. With
-``--device cuda`` it also reports the bytes ours must read per step, as GB/s and as a fraction
-of a measured device-to-device copy bandwidth.
+and reports medians, tokens/s and the ratios eager_full/ours, sdpa_full/ours, for each batch
+size given. With ``--device cuda`` it also reports the bytes ours must read per step, as GB/s
+and as a fraction of a measured device-to-device copy bandwidth.
 
-    python bench/decode.py                     # CPU, N in {2K, 8K}
+Chunked prefill (``--prefill-n``, on by default on the CPU): an N-token prompt fed into a
+``SelectiveKVCache(budget, max_chunk=chunk)`` chunk by chunk, against the fused full
+``selattn_ext.attention`` forward over the same N tokens and plain causal SDPA, alternating.
+``cache_bytes`` is ``cache.memory_bytes()``: state plus step workspace.
+
+    python bench/decode.py                     # CPU, N in {2K, 8K}, B in {1, 8}, prefill 8K
     python bench/decode.py --n 2048 8192 32768 --out bench/results
     python bench/decode.py --device cuda --dtype bfloat16 --out bench/results
 """
@@ -127,12 +132,12 @@ def run(args):
     device, dtype = args.device, DTYPES[args.dtype]
     timer = Timer(device)
     gen = torch.Generator().manual_seed(0)
-    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
     scale = d ** -0.5
     elt = torch.empty((), dtype=dtype).element_size()
     bw = copy_bandwidth(device, timer) if device == "cuda" else None
     rows = []
-    for n in args.n:
+    for b, n in [(b, n) for b in args.batch for n in args.n]:
         budgets = [n // div for div in (32, 16, 8, 4, 2) if n // div >= 1]
         steps = args.reps * args.inner + args.warmup * args.inner
         full = FullCache(b, hkv, d, n, steps + 1, dtype, device, gen, scale)
@@ -169,15 +174,78 @@ def run(args):
                 row["ours_gb_per_s"] = moved / med["ours"] / 1e9
                 row["ours_fraction_of_copy_bw"] = row["ours_gb_per_s"] / bw
             rows.append(row)
-            print(f"N={n:6d} M={budget:6d}  ours {row['ours_us']:9.1f} us  "
+            print(f"B={b:3d} N={n:6d} M={budget:6d}  ours {row['ours_us']:9.1f} us  "
                   f"eager_full {row['eager_full_us']:9.1f} us ({row['eager_full_over_ours']:5.1f}x)"
                   f"  sdpa_full {row['sdpa_full_us']:9.1f} us ({row['sdpa_full_over_ours']:5.1f}x)"
                   + (f"  {row['ours_gb_per_s']:.0f} GB/s" if bw else ""), flush=True)
     return rows, bw
 
 
+def chunked_prefill(args):
+    """Chunked prefill into a pruned cache vs the fused full forward, alternating, medians."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(1)
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    rows = []
+    for n in args.prefill_n:
+        b, budget, chunk = 1, args.prefill_budget, args.prefill_chunk
+        q = torch.randn(b, h, n, d, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(b, hkv, n, d, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(b, hkv, n, d, generator=gen).to(device=device, dtype=dtype)
+        cache = selattn_ext.SelectiveKVCache(b, hkv, d, budget, max_chunk=chunk, dtype=dtype,
+                                             device=device)
+
+        def chunked():
+            cache.reset()
+            for s in range(0, n, chunk):
+                selattn_ext.decode(q[:, :, s:s + chunk], k[:, :, s:s + chunk],
+                                   v[:, :, s:s + chunk], cache)
+
+        fns = {
+            "chunked": chunked,
+            "full_fused": lambda: selattn_ext.attention(q, k, v),
+            "sdpa_causal": lambda: F_nn.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=h != hkv),
+        }
+        times = {name: [] for name in fns}
+        timer = Timer(device)
+        with torch.no_grad():
+            for rep in range(args.prefill_warmup + args.prefill_reps):
+                for name, fn in fns.items():
+                    t = timer(fn, 1)
+                    if rep >= args.prefill_warmup:
+                        times[name].append(t)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        row = dict(n=n, budget=budget, chunk=chunk, batch=b, heads=h, kv_heads=hkv, head_dim=d,
+                   dtype=args.dtype, device=device,
+                   **{f"{name}_s": med[name] for name in med},
+                   **{f"{name}_all_s": times[name] for name in times},
+                   chunked_over_full_fused=med["chunked"] / med["full_fused"],
+                   chunked_over_sdpa_causal=med["chunked"] / med["sdpa_causal"],
+                   cache_bytes=cache.memory_bytes(), cache_state_bytes=cache.state_bytes(),
+                   cache_workspace_bytes=cache.workspace_bytes())
+        rows.append(row)
+        print(f"prefill N={n} budget={budget} chunk={chunk}: chunked {med['chunked']:.3f} s, "
+              f"full fused {med['full_fused']:.3f} s (chunked/full = "
+              f"{row['chunked_over_full_fused']:.2f}), sdpa causal {med['sdpa_causal']:.3f} s",
+              flush=True)
+    return rows
+
+
+def markdown_chunked(rows) -> str:
+    cols = ["n", "budget", "chunk", "chunked_s", "full_fused_s", "sdpa_causal_s",
+            "chunked_over_full_fused", "chunked_over_sdpa_causal", "cache_bytes",
+            "cache_state_bytes", "cache_workspace_bytes"]
+    lines = ["## chunked prefill into the pruned cache vs the full forward", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, meta) -> str:
-    cols = ["n", "budget", "ours_us", "eager_full_us", "sdpa_full_us", "eager_full_over_ours",
+    cols = ["batch", "n", "budget", "ours_us", "eager_full_us", "sdpa_full_us", "eager_full_over_ours",
             "sdpa_full_over_ours", "ours_tokens_per_s", "cache_bytes", "full_cache_bytes"]
     if rows and "ours_gb_per_s" in rows[0]:
         cols += ["ours_gb_per_s", "ours_fraction_of_copy_bw"]
@@ -185,8 +253,9 @@ def markdown(rows, meta) -> str:
              f"commit {meta['commit']}", "",
              f"B={meta['batch']} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
              f"{meta['dtype']}, torch threads {meta['threads']}, medians of {meta['reps']} "
-             f"alternating runs x {meta['inner']} steps; load average at the end "
-             f"{meta['load_average']} on {meta['cpu_count']} CPUs."
+             f"alternating runs x {meta['inner']} steps; load average at the start "
+             f"{meta['load_average_start']}, at the end {meta['load_average']} on "
+             f"{meta['cpu_count']} CPUs (shared machine: other jobs ran alongside)."
              + (f" Copy bandwidth {meta['copy_gb_per_s']:.0f} GB/s." if meta.get("copy_gb_per_s")
                 else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -203,7 +272,8 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=None,
                     help="history lengths (default: 2048 8192 on CPU, +32768 on CUDA)")
     ap.add_argument("--max-n", type=int, default=None, help="drop history lengths above this")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="batch sizes of the decode rows (default: 1 8 on CPU, 1 on CUDA)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--head-dim", type=int, default=64)
@@ -212,6 +282,12 @@ def main():
     ap.add_argument("--inner", type=int, default=5, help="steps per timed run")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (CPU; default: torch's choice)")
+    ap.add_argument("--prefill-n", type=int, nargs="*", default=None,
+                    help="chunked-prefill prompt lengths (default: 8192 on CPU, none on CUDA)")
+    ap.add_argument("--prefill-budget", type=int, default=1024)
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--prefill-reps", type=int, default=5)
+    ap.add_argument("--prefill-warmup", type=int, default=1)
     ap.add_argument("--out", default=None, help="directory for JSON + markdown results")
     args = ap.parse_args()
     if args.threads is not None:
@@ -220,11 +296,17 @@ def main():
         args.kv_heads = args.heads
     if args.n is None:
         args.n = [2048, 8192] + ([32768] if args.device == "cuda" else [])
+    if args.batch is None:
+        args.batch = [1, 8] if args.device == "cpu" else [1]
+    if args.prefill_n is None:
+        args.prefill_n = [8192] if args.device == "cpu" else []
     if args.max_n is not None:
         args.n = [n for n in args.n if n <= args.max_n]
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU")
 
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    chunked_rows = chunked_prefill(args)
     rows, bw = run(args)
     meta = dict(machine=machine_name(args.device), device=args.device,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -232,9 +314,10 @@ def main():
                 kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
                 threads=torch.get_num_threads(), reps=args.reps, inner=args.inner,
                 torch=torch.__version__, copy_gb_per_s=bw,
+                load_average_start=load_start,
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 cpu_count=os.cpu_count())
-    md = markdown(rows, meta)
+    md = markdown(rows, meta) + ("\n" + markdown_chunked(chunked_rows) if chunked_rows else "")
     print()
     print(md)
     if args.out:
@@ -243,7 +326,7 @@ def main():
         stem = os.path.join(args.out, f"decode_{args.device}_{slug(meta['machine'])}_"
                                       f"{meta['date']}T{stamp}_{meta['commit']}")
         with open(stem + ".json", "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+            json.dump(dict(meta=meta, rows=rows, chunked_prefill=chunked_rows), fh, indent=1)
         with open(stem + ".md", "w") as fh:
             fh.write(md)
         print(f"wrote {stem}.json and .md")

@@ -433,6 +433,16 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   }
   return out;
 }
+// Peak scratch bytes of one CPU decode step for a cache of these sizes at the current torch
+// thread count (SelectiveKVCache.memory_bytes adds it to the cache tensors).
+int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chunk,
+                                   int64_t head_dim, int64_t slots, at::ScalarType dtype) {
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"batch", batch}, {"heads_kv", heads_kv},
+                             {"chunk", chunk}, {"head_dim", head_dim}, {"slots", slots}})
+    TORCH_CHECK_VALUE(value >= 0, "selattn: ", name, " must be >= 0, got ", value);
+  return static_cast<int64_t>(cpu::decode_workspace_bytes(batch, heads_kv, chunk, head_dim, slots,
+                                                          to_dtype(dtype), at::get_num_threads()));
+}
 // ============================================================================================
 // end of decode
 // ============================================================================================
@@ -450,6 +460,10 @@ TORCH_LIBRARY(selattn, m) {
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"
       " Tensor(c!) f, Tensor(d!) pos, Tensor(e!) seq_len, Tensor? lengths, float scale,"
       " int sel_head, int budget, float? tau) -> Tensor");
+  m.def(
+      "decode_cpu_workspace_bytes(int batch, int heads_kv, int chunk, int head_dim, int slots,"
+      " ScalarType dtype) -> int",
+      &decode_cpu_workspace_bytes);
 }
 
 TORCH_LIBRARY_IMPL(selattn, CPU, m) {

@@ -282,11 +282,14 @@ def test_memory_independent_of_length(device, dtype):
     f_bytes = 8 if dtype == torch.float64 else 4
     elt = torch.empty((), dtype=dtype).element_size()
     expected = 2 * b * hkv * slots * d * elt + b * slots * (f_bytes + 8) + b * 8
-    assert cache.memory_bytes() == expected
+    assert cache.state_bytes() == expected
+    workspace = cache.workspace_bytes()
+    assert cache.memory_bytes() == expected + workspace
     ptrs = [t.data_ptr() for t in (cache.k_cache, cache.v_cache, cache.f, cache.pos)]
     q, k, v = make_inputs(b, hq, hkv, 300, d, dtype=dtype, device=device, seed=1)
     run_chunks(q, k, v, cache, chunk)
-    assert cache.memory_bytes() == expected
+    assert cache.state_bytes() == expected
+    assert cache.memory_bytes() == expected + workspace
     assert cache.k_cache.shape == (b, hkv, slots, d)
     assert [t.data_ptr() for t in (cache.k_cache, cache.v_cache, cache.f, cache.pos)] == ptrs
     assert cache.seq_lengths == [300] * b

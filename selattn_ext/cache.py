@@ -83,10 +83,30 @@ class SelectiveKVCache:
         """Tokens seen so far per sequence (kept or evicted)."""
         return self.seq_len.tolist()
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the cache tensors (fixed at construction: O(budget), not O(length))."""
+    def state_bytes(self) -> int:
+        """Bytes of the cache state tensors: k_cache, v_cache, f, pos, seq_len."""
         return sum(t.numel() * t.element_size()
                    for t in (self.k_cache, self.v_cache, self.f, self.pos, self.seq_len))
+
+    def workspace_bytes(self) -> int:
+        """Peak scratch one :func:`decode` step of up to ``max_chunk`` tokens allocates.
+
+        CPU: the kernel's own sizing (per-sequence F offsets of the chunk against every slot,
+        plus per-thread tiles at the current ``torch.get_num_threads()``); it does not depend on
+        the number of query heads or on the sequence length. CUDA: 0 for now (the CUDA step
+        sizes its workspace from the query heads and the SM count at each call).
+        """
+        if self.device.type != "cpu":
+            return 0
+        return int(torch.ops.selattn.decode_cpu_workspace_bytes(
+            self.batch_size, self.num_kv_heads, self.max_chunk, self.head_dim, self.slots,
+            self.dtype))
+
+    def memory_bytes(self) -> int:
+        """Every byte the cache and its step workspace hold: :meth:`state_bytes` plus
+        :meth:`workspace_bytes`. Fixed at construction: O(budget + max_chunk), never
+        O(sequence length)."""
+        return self.state_bytes() + self.workspace_bytes()
 
     def reset(self) -> None:
         """Empties every sequence (keeps the storage)."""

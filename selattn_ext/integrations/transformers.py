@@ -367,6 +367,8 @@ class SelectivePrunedCache(Cache):
         return [layer.positions() for layer in self.layers]
 
     def memory_bytes(self) -> int:
-        """Bytes held by all layers' pruned caches."""
-        return sum(layer.kv_cache.memory_bytes() for layer in self.layers
-                   if layer.kv_cache is not None)
+        """Bytes held by all layers' pruned caches: every layer's state, plus the largest
+        per-step workspace (layers step one at a time, each step's scratch is freed after it)."""
+        caches = [layer.kv_cache for layer in self.layers if layer.kv_cache is not None]
+        return (sum(c.state_bytes() for c in caches)
+                + max((c.workspace_bytes() for c in caches), default=0))
