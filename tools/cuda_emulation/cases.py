@@ -60,9 +60,20 @@ def _inputs(c: PrefillCase):
     dout = torch.randn(B, Hq, N, D, generator=g, dtype=torch.float64)
     dlse = torch.randn(B, Hq, N, generator=g, dtype=torch.float64) if c.dlse else None
     dmem = torch.randn(B, N, generator=g, dtype=torch.float64) if c.mem_tau else None
-    # Round to the test dtype once: the oracle sees exactly the kernel's inputs.
-    rnd = [t.to(c.dtype) if t is not None else None for t in (q, k, v, qs, ks, dout)]
+    # Round to the test dtype once: the oracle sees exactly the kernel's inputs. Each tensor is
+    # a view into storage with NaN rows after its last row, so a kernel that reads past N (a
+    # dropped tail guard) produces NaN instead of silently reading zeros or stale data.
+    rnd = [_nan_padded(t.to(c.dtype)) for t in (q, k, v, qs, ks, dout)]
     return rnd, dlse, dmem
+
+
+def _nan_padded(t: torch.Tensor, extra_rows: int = 40) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[-2] += extra_rows
+    buf = torch.full(shape, float("nan"), dtype=t.dtype)
+    view = buf[..., : t.shape[-2], :]
+    view.copy_(t)
+    return view
 
 
 def _reference(c: PrefillCase, q, k, v, qs, ks, dout, dlse, dmem, dtype):

@@ -30,7 +30,11 @@ struct Poisoned {
   ~Poisoned() { std::free(ptr); }
 };
 
+}  // namespace
+
 // ---- single-warp wrapper tests ------------------------------------------------------------
+// Named (not anonymous) so their symbols are visible: every emulated launch is recorded by name.
+namespace selattn::emu::tests {
 
 // Each lane addresses row `lane` of a 32 x 8 matrix of 16-bit elements in shared memory (row k
 // of 8x8 matrix m is row 8m + k) and writes its four registers to out[lane][0..3].
@@ -109,7 +113,9 @@ int run_one_warp(void (*kernel)(K...), A... args) {
   return selattn::cuda::launch_kernel(kernel, dim3(1), dim3(32), 0, nullptr, args...);
 }
 
-}  // namespace
+}  // namespace selattn::emu::tests
+
+using namespace selattn::emu::tests;
 
 extern "C" {
 

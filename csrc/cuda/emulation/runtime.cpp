@@ -233,7 +233,14 @@ char* map_stack() {
   return static_cast<char*>(p);
 }
 
+void report(const std::string& what);
+
 void release_block_barrier(Block& b) {
+  // Threads that exited count as arrived (as on the hardware), but a __syncthreads that some
+  // threads of the block skip is a bug (synccheck's "barrier divergence") even where it works.
+  if (b.live < static_cast<int>(b.fibers.size()))
+    report("barrier divergence: __syncthreads completed while " +
+           std::to_string(b.fibers.size() - size_t(b.live)) + " threads of the block had exited");
   for (Fiber& f : b.fibers)
     if (f.state == State::kBlockBarrier) f.state = State::kReady;
   b.arrived = 0;
