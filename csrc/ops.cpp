@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "cpu/decode_cpu.h"
 #include "cpu/prefill_cpu.h"
 #include "decode_params.h"
@@ -429,6 +432,194 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 // end of decode
 // ============================================================================================
 
+// ============================================================================================
+// prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
+// q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). Each sequence is an independent prefill, so
+// the CPU path runs the dense kernels once per sequence on a strided (1, H, n, D) view of the
+// packed tensors: no copy of q/k/v/out, no N x N. lse is (Hq, total) as in FlashAttention's
+// varlen API; the kernels want it (B, Hq, N)-contiguous, so it goes through one O(Hq * total)
+// packed scratch where sequence b occupies [Hq * cu[b], Hq * cu[b+1]) as (Hq, n_b).
+// ============================================================================================
+namespace {
+
+// Validates cu_seqlens (read once, on the host) and returns it as host int64 offsets.
+std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seqlen,
+                                      int64_t total, const Tensor& q) {
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt,
+                   "selattn: cu_seqlens must be int32 (as in flash_attn_varlen_func), got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.device() == q.device(), "selattn: cu_seqlens must be on the ",
+                    "device of q (", q.device(), "), got ", cu_seqlens.device());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
+                    "selattn: cu_seqlens must be 1-D (B + 1,) with at least one entry, got shape ",
+                    cu_seqlens.sizes());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "selattn: max_seqlen must be >= 0, got ", max_seqlen);
+  const Tensor cu = cu_seqlens.contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK_VALUE(c[0] == 0, "selattn: cu_seqlens must start at 0, got cu_seqlens[0] = ", c[0]);
+  std::vector<int64_t> offsets(n);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    offsets[b] = c[b];
+    if (b == 0) continue;
+    TORCH_CHECK_VALUE(c[b] >= c[b - 1], "selattn: cu_seqlens must be non-decreasing, got ",
+                      "cu_seqlens[", b - 1, "] = ", c[b - 1], " > cu_seqlens[", b, "] = ", c[b]);
+    longest = std::max<int64_t>(longest, c[b] - c[b - 1]);
+  }
+  TORCH_CHECK_VALUE(offsets.back() == total, "selattn: cu_seqlens[-1] = ", offsets.back(),
+                    " must equal the total number of tokens (q.size(0) = ", total, ")");
+  TORCH_CHECK_VALUE(longest <= max_seqlen, "selattn: max_seqlen = ", max_seqlen,
+                    " is smaller than the longest sequence in cu_seqlens (", longest, ")");
+  return offsets;
+}
+
+// The dense (1, H, n, D) view of rows [start, start + n) of a packed (total, H, D) tensor.
+Tensor seq_view4(const Tensor& t, int64_t start, int64_t n) {
+  return t.narrow(0, start, n).transpose(0, 1).unsqueeze(0);
+}
+// The (1, n, D) view of rows [start, start + n) of a packed (total, D) selection tensor.
+Tensor seq_view3(const Tensor& t, int64_t start, int64_t n) {
+  return t.narrow(0, start, n).unsqueeze(0);
+}
+
+// Checks shared by the varlen forward and backward; returns the host offsets. CUDA has no
+// varlen kernels yet: say so instead of letting the dispatcher report a missing backend.
+std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& q_sel, const Tensor& k_sel,
+                                         const Tensor& cu_seqlens, int64_t max_seqlen,
+                                         double scale) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !q.is_cuda(), "selattn: attention_varlen has no CUDA kernels yet (CPU only); on the GPU ",
+      "pad the sequences into a dense batch, or call selattn_ext.attention once per sequence");
+  TORCH_CHECK_VALUE(q.dim() == 3, "selattn: q must be 3-D (total, Hq, D), got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.dim() == 3, "selattn: k must be 3-D (total, Hkv, D), got ", k.dim(), "-D");
+  TORCH_CHECK_VALUE(v.dim() == 3, "selattn: v must be 3-D (total, Hkv, D), got ", v.dim(), "-D");
+  TORCH_CHECK_VALUE(q_sel.dim() == 2, "selattn: q_sel must be 2-D (total, D), got ", q_sel.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(k_sel.dim() == 2, "selattn: k_sel must be 2-D (total, D), got ", k_sel.dim(),
+                    "-D");
+  const int64_t total = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  check_floating("q", q);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
+    check_floating(name, t);
+    check_like_q(name, t, q);
+  }
+  check_heads(Hq, Hkv);
+  check_shape("k", k, {total, Hkv, D}, "(total, Hkv, D)");
+  check_shape("v", v, {total, Hkv, D}, "(total, Hkv, D)");
+  check_shape("q_sel", q_sel, {total, D}, "(total, D)");
+  check_shape("k_sel", k_sel, {total, D}, "(total, D)");
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}})
+    check_last_dim_contiguous(name, t);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
+                    " number, got ", scale);
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
+                    D);
+  check_cpu_kernels_runnable(q);
+  return check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
+}
+
+}  // namespace
+
+// mem: R[t] = sum_{j <= i} min(F[i, j], mem_tau) of token t (position i of its sequence) as
+// (total,) in lse's dtype when mem_tau is given, else an empty (0,) tensor.
+std::tuple<Tensor, Tensor, Tensor> prefill_varlen_fwd(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& q_sel,
+                                                      const Tensor& k_sel,
+                                                      const Tensor& cu_seqlens,
+                                                      int64_t max_seqlen, double scale,
+                                                      std::optional<double> mem_tau) {
+  const auto offsets =
+      check_varlen_inputs(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale);
+  check_mem_tau(mem_tau, q.transpose(0, 1).unsqueeze(0));  // as (1, Hq, total, D)
+  const int64_t total = q.size(0), Hq = q.size(1);
+  Tensor out = at::empty_like(q);
+  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
+  Tensor lse = at::empty({Hq, total}, stats);
+  Tensor mem = mem_tau.has_value() ? at::empty({total}, stats) : at::empty({0}, stats);
+  if (out.numel() == 0) return {out, lse, mem};
+  Tensor lse_packed = at::empty({Hq * total}, stats);
+  for (size_t b = 0; b + 1 < offsets.size(); ++b) {
+    const int64_t start = offsets[b], n = offsets[b + 1] - start;
+    if (n == 0) continue;
+    Tensor lse_b = lse_packed.narrow(0, Hq * start, Hq * n).view({1, Hq, n});
+    PrefillParams p = make_params(seq_view4(q, start, n), seq_view4(k, start, n),
+                                  seq_view4(v, start, n), seq_view3(q_sel, start, n),
+                                  seq_view3(k_sel, start, n), seq_view4(out, start, n), lse_b,
+                                  scale);
+    if (mem_tau.has_value()) p.mem_tau = *mem_tau, p.mem = mem.narrow(0, start, n).data_ptr();
+    cpu::prefill_fwd(p);
+    lse.narrow(1, start, n).copy_(lse_b[0]);
+  }
+  return {out, lse, mem};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_varlen_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+    const Tensor& k_sel, const Tensor& cu_seqlens, int64_t max_seqlen, const Tensor& out,
+    const Tensor& lse, const std::optional<Tensor>& dlse, double scale,
+    const std::optional<Tensor>& dmem, std::optional<double> mem_tau) {
+  const auto offsets =
+      check_varlen_inputs(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale);
+  check_mem_tau(mem_tau, q.transpose(0, 1).unsqueeze(0));  // as (1, Hq, total, D)
+  const int64_t total = q.size(0), Hq = q.size(1);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"dout", dout}, {"out", out}}) {
+    check_like_q(name, t, q);
+    check_shape(name, t, q.sizes(), "(total, Hq, D)");
+    check_last_dim_contiguous(name, t);
+  }
+  const auto sdt = stats_dtype(q.scalar_type());
+  auto check_stats = [&](const char* name, const Tensor& t, at::IntArrayRef shape,
+                         const char* layout) {
+    TORCH_CHECK_TYPE(t.scalar_type() == sdt, "selattn: ", name, " must be ", sdt, ", got ",
+                     t.scalar_type());
+    check_shape(name, t, shape, layout);
+    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q");
+  };
+  check_stats("lse", lse, {Hq, total}, "(Hq, total)");
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  if (has_dlse) check_stats("dlse", *dlse, {Hq, total}, "(Hq, total)");
+  Tensor dmem_c;
+  if (dmem.has_value() && dmem->defined()) {
+    TORCH_CHECK_VALUE(mem_tau.has_value(), "selattn: dmem needs the mem_tau of the forward");
+    check_stats("dmem", *dmem, {total}, "(total,)");
+    dmem_c = dmem->contiguous();
+  }
+
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
+  if (dq.numel() == 0) return {dq, dk, dv, dq_sel, dk_sel};
+  for (size_t b = 0; b + 1 < offsets.size(); ++b) {
+    const int64_t start = offsets[b], n = offsets[b + 1] - start;
+    if (n == 0) continue;
+    // The kernels read lse / dlse as (1, Hq, n)-contiguous: O(Hq * n) copies per sequence.
+    Tensor lse_b = lse.narrow(1, start, n).unsqueeze(0).contiguous();
+    Tensor dlse_b = has_dlse ? dlse->narrow(1, start, n).unsqueeze(0).contiguous() : Tensor();
+    PrefillParams p = make_params(seq_view4(q, start, n), seq_view4(k, start, n),
+                                  seq_view4(v, start, n), seq_view3(q_sel, start, n),
+                                  seq_view3(k_sel, start, n), seq_view4(out, start, n), lse_b,
+                                  scale);
+    set4(seq_view4(dout, start, n), p.dout, p.dout_batch_stride, p.dout_head_stride,
+         p.dout_row_stride);
+    p.dlse = has_dlse ? dlse_b.data_ptr() : nullptr;
+    if (dmem_c.defined()) p.mem_tau = *mem_tau, p.dmem = dmem_c.narrow(0, start, n).data_ptr();
+    set4(seq_view4(dq, start, n), p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+    set4(seq_view4(dk, start, n), p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+    set4(seq_view4(dv, start, n), p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+    set3(seq_view3(dq_sel, start, n), p.dq_sel, p.dq_sel_batch_stride, p.dq_sel_row_stride);
+    set3(seq_view3(dk_sel, start, n), p.dk_sel, p.dk_sel_batch_stride, p.dk_sel_row_stride);
+    cpu::prefill_bwd(p);
+  }
+  // Zero-length sequences own no rows, so every row of the gradients was written above.
+  return {dq, dk, dv, dq_sel, dk_sel};
+}
+// ============================================================================================
+// end of prefill_varlen
+// ============================================================================================
+
 TORCH_LIBRARY(selattn, m) {
   m.def(
       "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale,"
@@ -442,12 +633,31 @@ TORCH_LIBRARY(selattn, m) {
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"
       " Tensor(c!) f, Tensor(d!) pos, Tensor(e!) seq_len, Tensor? lengths, float scale,"
       " int sel_head, int budget, float? tau) -> Tensor");
+  // packed ragged batches (DESIGN §1.1): q (total, Hq, D), cu_seqlens int32 (B + 1,).
+  m.def(
+      "prefill_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"
+      " Tensor cu_seqlens, int max_seqlen, float scale, float? mem_tau=None)"
+      " -> (Tensor out, Tensor lse, Tensor mem)");
+  m.def(
+      "prefill_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_sel,"
+      " Tensor k_sel, Tensor cu_seqlens, int max_seqlen, Tensor out, Tensor lse, Tensor? dlse,"
+      " float scale, Tensor? dmem=None, float? mem_tau=None)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
 }
 
 TORCH_LIBRARY_IMPL(selattn, CPU, m) {
   m.impl("prefill_fwd", &prefill_fwd);
   m.impl("prefill_bwd", &prefill_bwd);
   m.impl("decode_step", &decode_step);
+  m.impl("prefill_varlen_fwd", &prefill_varlen_fwd);
+  m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);
+}
+
+// Registered in every build (CUDA is a dispatch key of any torch), so a CUDA tensor gets the
+// op's own NotImplementedError, which says what to do instead, not a missing-backend error.
+TORCH_LIBRARY_IMPL(selattn, CUDA, m) {
+  m.impl("prefill_varlen_fwd", &prefill_varlen_fwd);
+  m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);
 }
 
 #ifdef SELATTN_WITH_CUDA
