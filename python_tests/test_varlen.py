@@ -345,3 +345,26 @@ def test_compile_fullgraph_matches_eager():
         res.append([loss, *torch.autograd.grad(loss, args)])
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_nn_module_packed_forward_equals_sequences_alone():
+    """SelectiveSelfAttention(cu_seqlens=...): positions (RoPE) and BOS restart per sequence."""
+    torch.manual_seed(0)
+    attn = selattn_ext.nn.SelectiveSelfAttention(32, 4, 2).double()
+    with torch.no_grad():
+        attn.qkv.weight.mul_(4)  # logits large enough that F matters
+    lengths = [7, 0, 1, 20]
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64, requires_grad=True)
+    out = attn(x, cu_seqlens=cu_of(lengths), max_seqlen=20)
+    alone, start = [], 0
+    for n in lengths:
+        if n:
+            alone.append(attn(x[:, start:start + n]))
+        start += n
+    alone = torch.cat(alone, dim=1)
+    torch.testing.assert_close(out, alone, atol=1e-10, rtol=1e-10)
+    g1, = torch.autograd.grad(out.square().sum(), x)
+    g2, = torch.autograd.grad(alone.square().sum(), x)
+    torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="packed x must be"):
+        attn(x.expand(2, -1, -1), cu_seqlens=cu_of(lengths))
