@@ -266,3 +266,27 @@ def test_cache_reorder_moves_whole_rows():
     cache.batch_select_indices(torch.tensor([1]))
     assert cache.layers[0].kv_cache.batch_size == 1
     assert torch.equal(cache.layers[0].kv_cache.pos, snap["pos"][[2]])
+
+
+def test_mask_function_probes():
+    """selective_mask reads the mask pattern with O(N) probes: packed-causal segments become
+    cu_seqlens, plain causal None, a padding mask its keep-mask, anything else raises."""
+    from transformers.masking_utils import (and_masks, causal_mask_function,
+                                            packed_sequence_mask_function,
+                                            sliding_window_causal_mask_function)
+    from selattn_ext.integrations.transformers import selective_mask
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    packed = and_masks(causal_mask_function, packed_sequence_mask_function(seg))
+    cu = selective_mask(2, 6, 6, mask_function=packed)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6, 12]
+    assert selective_mask(2, 6, 6) is None
+    assert selective_mask(2, 6, 6, mask_function=sliding_window_causal_mask_function(8)) is None
+    keep = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]).bool()
+    assert torch.equal(selective_mask(2, 6, 6, attention_mask=keep), keep)
+    with pytest.raises(ValueError, match="sliding window"):
+        selective_mask(2, 6, 6, mask_function=sliding_window_causal_mask_function(3))
+    with pytest.raises(ValueError, match="bidirectional"):
+        selective_mask(2, 6, 6, mask_function=lambda b, h, q, kv: q >= 0)
+    with pytest.raises(ValueError, match="padding"):
+        selective_mask(2, 6, 6, mask_function=packed, attention_mask=keep)
