@@ -34,7 +34,8 @@ def make_packed(lengths, hq, hkv, d, dtype, seed, explicit_sel=False, device="cp
     def rnd(*shape, std=STD):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).to(device)
 
-    leaves = {"qkv": rnd(total, hq + 1, d), "k": rnd(total, hkv, d), "v": rnd(total, hkv, d, std=1.0)}
+    leaves = {"qkv": rnd(total, hq + 1, d), "k": rnd(total, hkv, d),
+              "v": rnd(total, hkv, d, std=1.0)}
     if explicit_sel:
         leaves.update(q_sel=rnd(total, d), k_sel=rnd(total, d))
     return leaves
@@ -55,9 +56,9 @@ def cotangents(total, hq, d, dtype, seed, device="cpu"):
 def run_varlen(leaves, lengths, hq, dout, dlse, sel_head=0, grads=True):
     leaves = {n: t.detach().clone().requires_grad_(grads) for n, t in leaves.items()}
     q, k, v, q_sel, k_sel = inputs_of(leaves, hq)
-    out, lse = selattn_ext.attention_varlen(q, k, v, cu_of(lengths, q.device), max(lengths, default=0),
-                                            sel_head=sel_head, q_sel=q_sel, k_sel=k_sel,
-                                            return_lse=True)
+    out, lse = selattn_ext.attention_varlen(q, k, v, cu_of(lengths, q.device),
+                                            max(lengths, default=0), sel_head=sel_head,
+                                            q_sel=q_sel, k_sel=k_sel, return_lse=True)
     res = {"out": out.detach(), "lse": lse.detach()}
     if grads:
         loss = (out * dout).sum() + (lse * dlse).sum()

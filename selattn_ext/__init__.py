@@ -10,5 +10,6 @@ from .attention import attention, attention_varlen
 from .cache import SelectiveKVCache, decode
 from .memory import memory_loss
 
-__all__ = ["attention", "attention_varlen", "decode", "memory_loss", "nn", "ops", "reference", "SelectiveKVCache"]
+__all__ = ["attention", "attention_varlen", "decode", "memory_loss", "nn", "ops", "reference",
+           "SelectiveKVCache"]
 __version__ = "0.1.0"

@@ -151,8 +151,8 @@ class SelectiveSelfAttention(nn.Module):
         if not self.selective or self.memory_tau is not None:
             raise ValueError("cu_seqlens needs selective=True and no memory_tau")
         total = x.shape[1]
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        if max_seqlen is None:  # an upper bound is enough; the op checks it
+            max_seqlen = total
         positions = _positions_in_sequence(cu_seqlens, total)
         q, k, v = self._project(x, positions)  # (1, H, total, D) views
         out = attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
