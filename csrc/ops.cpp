@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/decode_cpu.h"
@@ -435,8 +437,10 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 // ============================================================================================
 // prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
 // q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). Each sequence is an independent prefill, so
-// the CPU path runs the dense kernels once per sequence on a strided (1, H, n, D) view of the
-// packed tensors: no copy of q/k/v/out, no N x N. lse is (Hq, total) as in FlashAttention's
+// the CPU path runs the dense kernels once per sequence, their params pointing at the
+// sequence's rows of the packed tensors (a strided (1, H, n, D) sequence): no copy of q/k/v/
+// out, no N x N. Long sequences run one after another, each spread over the threads; short
+// ones run one per thread (run_sequences). lse is (Hq, total) as in FlashAttention's
 // varlen API; the kernels want it (B, Hq, N)-contiguous, so it goes through one O(Hq * total)
 // packed scratch where sequence b occupies [Hq * cu[b], Hq * cu[b+1]) as (Hq, n_b).
 // ============================================================================================
@@ -472,15 +476,6 @@ std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seql
   TORCH_CHECK_VALUE(longest <= max_seqlen, "selattn: max_seqlen = ", max_seqlen,
                     " is smaller than the longest sequence in cu_seqlens (", longest, ")");
   return offsets;
-}
-
-// The dense (1, H, n, D) view of rows [start, start + n) of a packed (total, H, D) tensor.
-Tensor seq_view4(const Tensor& t, int64_t start, int64_t n) {
-  return t.narrow(0, start, n).transpose(0, 1).unsqueeze(0);
-}
-// The (1, n, D) view of rows [start, start + n) of a packed (total, D) selection tensor.
-Tensor seq_view3(const Tensor& t, int64_t start, int64_t n) {
-  return t.narrow(0, start, n).unsqueeze(0);
 }
 
 // Checks shared by the varlen forward and backward; returns the host offsets. CUDA has no
@@ -522,6 +517,78 @@ std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const
   return check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
 }
 
+// Sequences up to this length fit in one or two query tiles, too little work to spread one
+// over the threads: they run one per thread instead (see run_sequences).
+constexpr int64_t kShortSequence = 256;
+
+// The packed tensors as one (1, H, total, D) sequence: per-sequence params are this with the
+// pointers moved to the sequence's first row and seqlen set (seq_params), no tensor views.
+Tensor as_seq4(const Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+Tensor as_seq3(const Tensor& t) { return t.unsqueeze(0); }
+
+template <typename T>
+T* at_row(T* ptr, int64_t row, int64_t row_stride, size_t esize) {
+  using Byte = std::conditional_t<std::is_const_v<T>, const char, char>;
+  return ptr == nullptr ? nullptr
+                        : reinterpret_cast<T*>(reinterpret_cast<Byte*>(ptr) +
+                                               row * row_stride * static_cast<int64_t>(esize));
+}
+
+// Rows [start, start + n) of `base`; lse / dlse point into (Hq, n)-contiguous blocks of the
+// packed scratch, mem / dmem into the (total,) vectors.
+PrefillParams seq_params(const PrefillParams& base, int64_t start, int64_t n, size_t esize,
+                         size_t stats_esize) {
+  PrefillParams p = base;
+  p.seqlen = n;
+  p.q = at_row(base.q, start, base.q_row_stride, esize);
+  p.k = at_row(base.k, start, base.k_row_stride, esize);
+  p.v = at_row(base.v, start, base.v_row_stride, esize);
+  p.q_sel = at_row(base.q_sel, start, base.q_sel_row_stride, esize);
+  p.k_sel = at_row(base.k_sel, start, base.k_sel_row_stride, esize);
+  p.out = at_row(base.out, start, base.out_row_stride, esize);
+  p.dout = at_row(base.dout, start, base.dout_row_stride, esize);
+  p.dq = at_row(base.dq, start, base.dq_row_stride, esize);
+  p.dk = at_row(base.dk, start, base.dk_row_stride, esize);
+  p.dv = at_row(base.dv, start, base.dv_row_stride, esize);
+  p.dq_sel = at_row(base.dq_sel, start, base.dq_sel_row_stride, esize);
+  p.dk_sel = at_row(base.dk_sel, start, base.dk_sel_row_stride, esize);
+  p.lse = at_row(base.lse, start, base.heads_q, stats_esize);
+  p.dlse = at_row(base.dlse, start, base.heads_q, stats_esize);
+  p.mem = at_row(base.mem, start, 1, stats_esize);
+  p.dmem = at_row(base.dmem, start, 1, stats_esize);
+  return p;
+}
+
+// Copies an (H, n) row block between the (H, total) lse layout (rows of `total`, starting at
+// column `start`) and a contiguous (H, n) block. Plain memory, so worker threads can run it.
+void copy_lse_block(void* packed, const void* strided, int64_t H, int64_t n, int64_t total,
+                    int64_t start, size_t esize, bool to_packed) {
+  auto* pk = static_cast<char*>(packed);
+  auto* st = static_cast<char*>(const_cast<void*>(strided));
+  for (int64_t h = 0; h < H; ++h) {
+    char* row = st + (h * total + start) * esize;
+    char* blk = pk + h * n * esize;
+    if (to_packed) std::memcpy(blk, row, n * esize);
+    else std::memcpy(row, blk, n * esize);
+  }
+}
+
+// Runs `job(i)` for every sequence i of `jobs_len`: long sequences one after another (each
+// kernel call spreads its tiles over the threads), short ones spread over the threads one
+// sequence per task (a kernel called inside a parallel region runs on the calling thread, as
+// every ATen parallel_for does). `job` must touch raw memory only, no tensors.
+template <typename Job>
+void run_sequences(const std::vector<int64_t>& lengths, const Job& job) {
+  std::vector<int64_t> short_ones;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] > kShortSequence) job(i);
+    else if (lengths[i] > 0) short_ones.push_back(static_cast<int64_t>(i));
+  }
+  at::parallel_for(0, static_cast<int64_t>(short_ones.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) job(static_cast<size_t>(short_ones[j]));
+  });
+}
+
 }  // namespace
 
 // mem: R[t] = sum_{j <= i} min(F[i, j], mem_tau) of token t (position i of its sequence) as
@@ -541,19 +608,22 @@ std::tuple<Tensor, Tensor, Tensor> prefill_varlen_fwd(const Tensor& q, const Ten
   Tensor lse = at::empty({Hq, total}, stats);
   Tensor mem = mem_tau.has_value() ? at::empty({total}, stats) : at::empty({0}, stats);
   if (out.numel() == 0) return {out, lse, mem};
+  // The kernels write lse as (1, Hq, n)-contiguous: sequence b's block of this scratch is
+  // [Hq * cu[b], Hq * cu[b + 1]), copied into lse's (Hq, total) rows after its kernel.
   Tensor lse_packed = at::empty({Hq * total}, stats);
-  for (size_t b = 0; b + 1 < offsets.size(); ++b) {
-    const int64_t start = offsets[b], n = offsets[b + 1] - start;
-    if (n == 0) continue;
-    Tensor lse_b = lse_packed.narrow(0, Hq * start, Hq * n).view({1, Hq, n});
-    PrefillParams p = make_params(seq_view4(q, start, n), seq_view4(k, start, n),
-                                  seq_view4(v, start, n), seq_view3(q_sel, start, n),
-                                  seq_view3(k_sel, start, n), seq_view4(out, start, n), lse_b,
-                                  scale);
-    if (mem_tau.has_value()) p.mem_tau = *mem_tau, p.mem = mem.narrow(0, start, n).data_ptr();
+  PrefillParams base = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                   as_seq3(k_sel), as_seq4(out), lse_packed, scale);
+  if (mem_tau.has_value()) base.mem_tau = *mem_tau, base.mem = mem.data_ptr();
+  const size_t nseq = offsets.size() - 1;
+  std::vector<int64_t> lengths(nseq);
+  for (size_t b = 0; b < nseq; ++b) lengths[b] = offsets[b + 1] - offsets[b];
+  const size_t esize = q.element_size(), stats_esize = lse.element_size();
+  run_sequences(lengths, [&](size_t b) {
+    const PrefillParams p = seq_params(base, offsets[b], lengths[b], esize, stats_esize);
     cpu::prefill_fwd(p);
-    lse.narrow(1, start, n).copy_(lse_b[0]);
-  }
+    copy_lse_block(p.lse, lse.data_ptr(), Hq, lengths[b], total, offsets[b], stats_esize,
+                   /*to_packed=*/false);
+  });
   return {out, lse, mem};
 }
 
@@ -592,27 +662,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_varlen_bwd(
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
   if (dq.numel() == 0) return {dq, dk, dv, dq_sel, dk_sel};
-  for (size_t b = 0; b + 1 < offsets.size(); ++b) {
-    const int64_t start = offsets[b], n = offsets[b + 1] - start;
-    if (n == 0) continue;
-    // The kernels read lse / dlse as (1, Hq, n)-contiguous: O(Hq * n) copies per sequence.
-    Tensor lse_b = lse.narrow(1, start, n).unsqueeze(0).contiguous();
-    Tensor dlse_b = has_dlse ? dlse->narrow(1, start, n).unsqueeze(0).contiguous() : Tensor();
-    PrefillParams p = make_params(seq_view4(q, start, n), seq_view4(k, start, n),
-                                  seq_view4(v, start, n), seq_view3(q_sel, start, n),
-                                  seq_view3(k_sel, start, n), seq_view4(out, start, n), lse_b,
-                                  scale);
-    set4(seq_view4(dout, start, n), p.dout, p.dout_batch_stride, p.dout_head_stride,
-         p.dout_row_stride);
-    p.dlse = has_dlse ? dlse_b.data_ptr() : nullptr;
-    if (dmem_c.defined()) p.mem_tau = *mem_tau, p.dmem = dmem_c.narrow(0, start, n).data_ptr();
-    set4(seq_view4(dq, start, n), p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
-    set4(seq_view4(dk, start, n), p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
-    set4(seq_view4(dv, start, n), p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
-    set3(seq_view3(dq_sel, start, n), p.dq_sel, p.dq_sel_batch_stride, p.dq_sel_row_stride);
-    set3(seq_view3(dk_sel, start, n), p.dk_sel, p.dk_sel_batch_stride, p.dk_sel_row_stride);
+  // The kernels read lse / dlse as (1, Hq, n)-contiguous: per-sequence blocks of a scratch,
+  // filled from the (Hq, total) rows by each job (O(Hq * n) copies).
+  const auto stats = q.options().dtype(sdt);
+  Tensor lse_c = lse.contiguous();
+  Tensor dlse_c = has_dlse ? dlse->contiguous() : Tensor();
+  Tensor lse_packed = at::empty({Hq * total}, stats);
+  Tensor dlse_packed = has_dlse ? at::empty({Hq * total}, stats) : Tensor();
+  PrefillParams base = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                   as_seq3(k_sel), as_seq4(out), lse_packed, scale);
+  set4(as_seq4(dout), base.dout, base.dout_batch_stride, base.dout_head_stride,
+       base.dout_row_stride);
+  base.dlse = has_dlse ? dlse_packed.data_ptr() : nullptr;
+  if (dmem_c.defined()) base.mem_tau = *mem_tau, base.dmem = dmem_c.data_ptr();
+  set4(as_seq4(dq), base.dq, base.dq_batch_stride, base.dq_head_stride, base.dq_row_stride);
+  set4(as_seq4(dk), base.dk, base.dk_batch_stride, base.dk_head_stride, base.dk_row_stride);
+  set4(as_seq4(dv), base.dv, base.dv_batch_stride, base.dv_head_stride, base.dv_row_stride);
+  set3(as_seq3(dq_sel), base.dq_sel, base.dq_sel_batch_stride, base.dq_sel_row_stride);
+  set3(as_seq3(dk_sel), base.dk_sel, base.dk_sel_batch_stride, base.dk_sel_row_stride);
+  const size_t nseq = offsets.size() - 1;
+  std::vector<int64_t> lengths(nseq);
+  for (size_t b = 0; b < nseq; ++b) lengths[b] = offsets[b + 1] - offsets[b];
+  const size_t esize = q.element_size(), stats_esize = lse_c.element_size();
+  run_sequences(lengths, [&](size_t b) {
+    const PrefillParams p = seq_params(base, offsets[b], lengths[b], esize, stats_esize);
+    copy_lse_block(const_cast<void*>(p.lse), lse_c.data_ptr(), Hq, lengths[b], total,
+                   offsets[b], stats_esize, /*to_packed=*/true);
+    if (has_dlse)
+      copy_lse_block(const_cast<void*>(p.dlse), dlse_c.data_ptr(), Hq, lengths[b], total,
+                     offsets[b], stats_esize, /*to_packed=*/true);
     cpu::prefill_bwd(p);
-  }
+  });
   // Zero-length sequences own no rows, so every row of the gradients was written above.
   return {dq, dk, dv, dq_sel, dk_sel};
 }

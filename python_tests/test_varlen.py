@@ -164,6 +164,15 @@ def test_random_length_mixes(seed):
           sel_head=rng.choice([0, -1]), seed=seed)
 
 
+def test_many_short_sequences_and_long_ones():
+    """Short sequences run one per thread, long ones spread over the threads: both at once."""
+    rng = random.Random(5)
+    lengths = [rng.randint(0, 40) for _ in range(60)] + [257, 256, 3]
+    rng.shuffle(lengths)
+    check(lengths, hq=2, hkv=1, d=16, seed=5)
+    check(lengths, hq=2, hkv=1, d=16, dtype=torch.float32, seed=6)
+
+
 def test_explicit_selection_inputs_and_sel_head():
     check([40, 3, 0, 90], hq=4, hkv=4, d=16, explicit_sel=True, seed=3)
     check([40, 3, 0, 90], hq=4, hkv=2, d=16, sel_head=3, seed=4)
