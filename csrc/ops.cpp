@@ -5,6 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
 #include "cpu/decode_cpu.h"
 #include "cpu/prefill_cpu.h"
 #include "decode_params.h"
@@ -276,10 +281,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
   return {dq, dk, dv, dq_sel, dk_sel};
 }
 
-// ============================================================================================
-// decode: one step of the pruned KV cache (DESIGN §3). Python side: selattn_ext/cache.py.
-// ============================================================================================
-namespace {
+// =====================================================================================// decode: one step of the pruned KV cache (DESIGN §3). Python side: selattn_ext/cache.py.
+// =====================================================================================namespace {
 
 // True when every row of t starts on a 16-byte boundary (what the CUDA kernels load).
 bool aligned16(const Tensor& t) {
@@ -443,10 +446,270 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
   return static_cast<int64_t>(cpu::decode_workspace_bytes(batch, heads_kv, chunk, head_dim, slots,
                                                           to_dtype(dtype), at::get_num_threads()));
 }
-// ============================================================================================
-// end of decode
-// ============================================================================================
+// =====================================================================================// end of decode
+// =====================================================================================
+// =====================================================================================// prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
+// q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). Each sequence is an independent prefill, so
+// the CPU path runs the dense kernels once per sequence, their params pointing at the
+// sequence's rows of the packed tensors (a strided (1, H, n, D) sequence): no copy of q/k/v/
+// out, no N x N. Long sequences run one after another, each spread over the threads; short
+// ones run one per thread (run_sequences). lse is (Hq, total) as in FlashAttention's
+// varlen API; the kernels want it (B, Hq, N)-contiguous, so it goes through one O(Hq * total)
+// packed scratch where sequence b occupies [Hq * cu[b], Hq * cu[b+1]) as (Hq, n_b).
+// =====================================================================================namespace {
 
+// Validates cu_seqlens (read once, on the host) and returns it as host int64 offsets.
+std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seqlen,
+                                      int64_t total, const Tensor& q) {
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt,
+                   "selattn: cu_seqlens must be int32 (as in flash_attn_varlen_func), got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.device() == q.device(), "selattn: cu_seqlens must be on the ",
+                    "device of q (", q.device(), "), got ", cu_seqlens.device());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
+                    "selattn: cu_seqlens must be 1-D (B + 1,) with at least one entry, got shape ",
+                    cu_seqlens.sizes());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "selattn: max_seqlen must be >= 0, got ", max_seqlen);
+  const Tensor cu = cu_seqlens.contiguous();
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK_VALUE(c[0] == 0, "selattn: cu_seqlens must start at 0, got cu_seqlens[0] = ", c[0]);
+  std::vector<int64_t> offsets(n);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    offsets[b] = c[b];
+    if (b == 0) continue;
+    TORCH_CHECK_VALUE(c[b] >= c[b - 1], "selattn: cu_seqlens must be non-decreasing, got ",
+                      "cu_seqlens[", b - 1, "] = ", c[b - 1], " > cu_seqlens[", b, "] = ", c[b]);
+    longest = std::max<int64_t>(longest, c[b] - c[b - 1]);
+  }
+  TORCH_CHECK_VALUE(offsets.back() == total, "selattn: cu_seqlens[-1] = ", offsets.back(),
+                    " must equal the total number of tokens (q.size(0) = ", total, ")");
+  TORCH_CHECK_VALUE(longest <= max_seqlen, "selattn: max_seqlen = ", max_seqlen,
+                    " is smaller than the longest sequence in cu_seqlens (", longest, ")");
+  return offsets;
+}
+
+// Checks shared by the varlen forward and backward; returns the host offsets. CUDA has no
+// varlen kernels yet: say so instead of letting the dispatcher report a missing backend.
+std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& q_sel, const Tensor& k_sel,
+                                         const Tensor& cu_seqlens, int64_t max_seqlen,
+                                         double scale) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !q.is_cuda(), "selattn: attention_varlen has no CUDA kernels yet (CPU only); on the GPU ",
+      "pad the sequences into a dense batch, or call selattn_ext.attention once per sequence");
+  TORCH_CHECK_VALUE(q.dim() == 3, "selattn: q must be 3-D (total, Hq, D), got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.dim() == 3, "selattn: k must be 3-D (total, Hkv, D), got ", k.dim(), "-D");
+  TORCH_CHECK_VALUE(v.dim() == 3, "selattn: v must be 3-D (total, Hkv, D), got ", v.dim(), "-D");
+  TORCH_CHECK_VALUE(q_sel.dim() == 2, "selattn: q_sel must be 2-D (total, D), got ", q_sel.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(k_sel.dim() == 2, "selattn: k_sel must be 2-D (total, D), got ", k_sel.dim(),
+                    "-D");
+  const int64_t total = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  check_floating("q", q);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
+    check_floating(name, t);
+    check_like_q(name, t, q);
+  }
+  check_heads(Hq, Hkv);
+  check_shape("k", k, {total, Hkv, D}, "(total, Hkv, D)");
+  check_shape("v", v, {total, Hkv, D}, "(total, Hkv, D)");
+  check_shape("q_sel", q_sel, {total, D}, "(total, D)");
+  check_shape("k_sel", k_sel, {total, D}, "(total, D)");
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}})
+    check_last_dim_contiguous(name, t);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
+                    " number, got ", scale);
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
+                    D);
+  check_cpu_kernels_runnable(q);
+  return check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
+}
+
+// Sequences up to this length fit in one or two query tiles, too little work to spread one
+// over the threads: they run one per thread instead (see run_sequences).
+constexpr int64_t kShortSequence = 256;
+
+// The packed tensors as one (1, H, total, D) sequence: per-sequence params are this with the
+// pointers moved to the sequence's first row and seqlen set (seq_params), no tensor views.
+Tensor as_seq4(const Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+Tensor as_seq3(const Tensor& t) { return t.unsqueeze(0); }
+
+template <typename T>
+T* at_row(T* ptr, int64_t row, int64_t row_stride, size_t esize) {
+  using Byte = std::conditional_t<std::is_const_v<T>, const char, char>;
+  return ptr == nullptr ? nullptr
+                        : reinterpret_cast<T*>(reinterpret_cast<Byte*>(ptr) +
+                                               row * row_stride * static_cast<int64_t>(esize));
+}
+
+// Rows [start, start + n) of `base`; lse / dlse point into (Hq, n)-contiguous blocks of the
+// packed scratch, mem / dmem into the (total,) vectors.
+PrefillParams seq_params(const PrefillParams& base, int64_t start, int64_t n, size_t esize,
+                         size_t stats_esize) {
+  PrefillParams p = base;
+  p.seqlen = n;
+  p.q = at_row(base.q, start, base.q_row_stride, esize);
+  p.k = at_row(base.k, start, base.k_row_stride, esize);
+  p.v = at_row(base.v, start, base.v_row_stride, esize);
+  p.q_sel = at_row(base.q_sel, start, base.q_sel_row_stride, esize);
+  p.k_sel = at_row(base.k_sel, start, base.k_sel_row_stride, esize);
+  p.out = at_row(base.out, start, base.out_row_stride, esize);
+  p.dout = at_row(base.dout, start, base.dout_row_stride, esize);
+  p.dq = at_row(base.dq, start, base.dq_row_stride, esize);
+  p.dk = at_row(base.dk, start, base.dk_row_stride, esize);
+  p.dv = at_row(base.dv, start, base.dv_row_stride, esize);
+  p.dq_sel = at_row(base.dq_sel, start, base.dq_sel_row_stride, esize);
+  p.dk_sel = at_row(base.dk_sel, start, base.dk_sel_row_stride, esize);
+  p.lse = at_row(base.lse, start, base.heads_q, stats_esize);
+  p.dlse = at_row(base.dlse, start, base.heads_q, stats_esize);
+  p.mem = at_row(base.mem, start, 1, stats_esize);
+  p.dmem = at_row(base.dmem, start, 1, stats_esize);
+  return p;
+}
+
+// Copies an (H, n) row block between the (H, total) lse layout (rows of `total`, starting at
+// column `start`) and a contiguous (H, n) block. Plain memory, so worker threads can run it.
+void copy_lse_block(void* packed, const void* strided, int64_t H, int64_t n, int64_t total,
+                    int64_t start, size_t esize, bool to_packed) {
+  auto* pk = static_cast<char*>(packed);
+  auto* st = static_cast<char*>(const_cast<void*>(strided));
+  for (int64_t h = 0; h < H; ++h) {
+    char* row = st + (h * total + start) * esize;
+    char* blk = pk + h * n * esize;
+    if (to_packed) std::memcpy(blk, row, n * esize);
+    else std::memcpy(row, blk, n * esize);
+  }
+}
+
+// Runs `job(i)` for every sequence i of `jobs_len`: long sequences one after another (each
+// kernel call spreads its tiles over the threads), short ones spread over the threads one
+// sequence per task (a kernel called inside a parallel region runs on the calling thread, as
+// every ATen parallel_for does). `job` must touch raw memory only, no tensors.
+template <typename Job>
+void run_sequences(const std::vector<int64_t>& lengths, const Job& job) {
+  std::vector<int64_t> short_ones;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] > kShortSequence) job(i);
+    else if (lengths[i] > 0) short_ones.push_back(static_cast<int64_t>(i));
+  }
+  at::parallel_for(0, static_cast<int64_t>(short_ones.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) job(static_cast<size_t>(short_ones[j]));
+  });
+}
+
+}  // namespace
+
+// mem: R[t] = sum_{j <= i} min(F[i, j], mem_tau) of token t (position i of its sequence) as
+// (total,) in lse's dtype when mem_tau is given, else an empty (0,) tensor.
+std::tuple<Tensor, Tensor, Tensor> prefill_varlen_fwd(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& q_sel,
+                                                      const Tensor& k_sel,
+                                                      const Tensor& cu_seqlens,
+                                                      int64_t max_seqlen, double scale,
+                                                      std::optional<double> mem_tau) {
+  const auto offsets =
+      check_varlen_inputs(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale);
+  check_mem_tau(mem_tau, q.transpose(0, 1).unsqueeze(0));  // as (1, Hq, total, D)
+  const int64_t total = q.size(0), Hq = q.size(1);
+  Tensor out = at::empty_like(q);
+  const auto stats = q.options().dtype(stats_dtype(q.scalar_type()));
+  Tensor lse = at::empty({Hq, total}, stats);
+  Tensor mem = mem_tau.has_value() ? at::empty({total}, stats) : at::empty({0}, stats);
+  if (out.numel() == 0) return {out, lse, mem};
+  // The kernels write lse as (1, Hq, n)-contiguous: sequence b's block of this scratch is
+  // [Hq * cu[b], Hq * cu[b + 1]), copied into lse's (Hq, total) rows after its kernel.
+  Tensor lse_packed = at::empty({Hq * total}, stats);
+  PrefillParams base = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                   as_seq3(k_sel), as_seq4(out), lse_packed, scale);
+  if (mem_tau.has_value()) base.mem_tau = *mem_tau, base.mem = mem.data_ptr();
+  const size_t nseq = offsets.size() - 1;
+  std::vector<int64_t> lengths(nseq);
+  for (size_t b = 0; b < nseq; ++b) lengths[b] = offsets[b + 1] - offsets[b];
+  const size_t esize = q.element_size(), stats_esize = lse.element_size();
+  run_sequences(lengths, [&](size_t b) {
+    const PrefillParams p = seq_params(base, offsets[b], lengths[b], esize, stats_esize);
+    cpu::prefill_fwd(p);
+    copy_lse_block(p.lse, lse.data_ptr(), Hq, lengths[b], total, offsets[b], stats_esize,
+                   /*to_packed=*/false);
+  });
+  return {out, lse, mem};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_varlen_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+    const Tensor& k_sel, const Tensor& cu_seqlens, int64_t max_seqlen, const Tensor& out,
+    const Tensor& lse, const std::optional<Tensor>& dlse, double scale,
+    const std::optional<Tensor>& dmem, std::optional<double> mem_tau) {
+  const auto offsets =
+      check_varlen_inputs(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale);
+  check_mem_tau(mem_tau, q.transpose(0, 1).unsqueeze(0));  // as (1, Hq, total, D)
+  const int64_t total = q.size(0), Hq = q.size(1);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"dout", dout}, {"out", out}}) {
+    check_like_q(name, t, q);
+    check_shape(name, t, q.sizes(), "(total, Hq, D)");
+    check_last_dim_contiguous(name, t);
+  }
+  const auto sdt = stats_dtype(q.scalar_type());
+  auto check_stats = [&](const char* name, const Tensor& t, at::IntArrayRef shape,
+                         const char* layout) {
+    TORCH_CHECK_TYPE(t.scalar_type() == sdt, "selattn: ", name, " must be ", sdt, ", got ",
+                     t.scalar_type());
+    check_shape(name, t, shape, layout);
+    TORCH_CHECK_VALUE(t.device() == q.device(), "selattn: ", name, " must be on the device of q");
+  };
+  check_stats("lse", lse, {Hq, total}, "(Hq, total)");
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  if (has_dlse) check_stats("dlse", *dlse, {Hq, total}, "(Hq, total)");
+  Tensor dmem_c;
+  if (dmem.has_value() && dmem->defined()) {
+    TORCH_CHECK_VALUE(mem_tau.has_value(), "selattn: dmem needs the mem_tau of the forward");
+    check_stats("dmem", *dmem, {total}, "(total,)");
+    dmem_c = dmem->contiguous();
+  }
+
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
+  if (dq.numel() == 0) return {dq, dk, dv, dq_sel, dk_sel};
+  // The kernels read lse / dlse as (1, Hq, n)-contiguous: per-sequence blocks of a scratch,
+  // filled from the (Hq, total) rows by each job (O(Hq * n) copies).
+  const auto stats = q.options().dtype(sdt);
+  Tensor lse_c = lse.contiguous();
+  Tensor dlse_c = has_dlse ? dlse->contiguous() : Tensor();
+  Tensor lse_packed = at::empty({Hq * total}, stats);
+  Tensor dlse_packed = has_dlse ? at::empty({Hq * total}, stats) : Tensor();
+  PrefillParams base = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                   as_seq3(k_sel), as_seq4(out), lse_packed, scale);
+  set4(as_seq4(dout), base.dout, base.dout_batch_stride, base.dout_head_stride,
+       base.dout_row_stride);
+  base.dlse = has_dlse ? dlse_packed.data_ptr() : nullptr;
+  if (dmem_c.defined()) base.mem_tau = *mem_tau, base.dmem = dmem_c.data_ptr();
+  set4(as_seq4(dq), base.dq, base.dq_batch_stride, base.dq_head_stride, base.dq_row_stride);
+  set4(as_seq4(dk), base.dk, base.dk_batch_stride, base.dk_head_stride, base.dk_row_stride);
+  set4(as_seq4(dv), base.dv, base.dv_batch_stride, base.dv_head_stride, base.dv_row_stride);
+  set3(as_seq3(dq_sel), base.dq_sel, base.dq_sel_batch_stride, base.dq_sel_row_stride);
+  set3(as_seq3(dk_sel), base.dk_sel, base.dk_sel_batch_stride, base.dk_sel_row_stride);
+  const size_t nseq = offsets.size() - 1;
+  std::vector<int64_t> lengths(nseq);
+  for (size_t b = 0; b < nseq; ++b) lengths[b] = offsets[b + 1] - offsets[b];
+  const size_t esize = q.element_size(), stats_esize = lse_c.element_size();
+  run_sequences(lengths, [&](size_t b) {
+    const PrefillParams p = seq_params(base, offsets[b], lengths[b], esize, stats_esize);
+    copy_lse_block(const_cast<void*>(p.lse), lse_c.data_ptr(), Hq, lengths[b], total,
+                   offsets[b], stats_esize, /*to_packed=*/true);
+    if (has_dlse)
+      copy_lse_block(const_cast<void*>(p.dlse), dlse_c.data_ptr(), Hq, lengths[b], total,
+                     offsets[b], stats_esize, /*to_packed=*/true);
+    cpu::prefill_bwd(p);
+  });
+  // Zero-length sequences own no rows, so every row of the gradients was written above.
+  return {dq, dk, dv, dq_sel, dk_sel};
+}
+// =====================================================================================// end of prefill_varlen
+// =====================================================================================
 TORCH_LIBRARY(selattn, m) {
   m.def(
       "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale,"
@@ -464,12 +727,31 @@ TORCH_LIBRARY(selattn, m) {
       "decode_cpu_workspace_bytes(int batch, int heads_kv, int chunk, int head_dim, int slots,"
       " ScalarType dtype) -> int",
       &decode_cpu_workspace_bytes);
+  // packed ragged batches (DESIGN §1.1): q (total, Hq, D), cu_seqlens int32 (B + 1,).
+  m.def(
+      "prefill_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"
+      " Tensor cu_seqlens, int max_seqlen, float scale, float? mem_tau=None)"
+      " -> (Tensor out, Tensor lse, Tensor mem)");
+  m.def(
+      "prefill_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_sel,"
+      " Tensor k_sel, Tensor cu_seqlens, int max_seqlen, Tensor out, Tensor lse, Tensor? dlse,"
+      " float scale, Tensor? dmem=None, float? mem_tau=None)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_sel, Tensor dk_sel)");
 }
 
 TORCH_LIBRARY_IMPL(selattn, CPU, m) {
   m.impl("prefill_fwd", &prefill_fwd);
   m.impl("prefill_bwd", &prefill_bwd);
   m.impl("decode_step", &decode_step);
+  m.impl("prefill_varlen_fwd", &prefill_varlen_fwd);
+  m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);
+}
+
+// Registered in every build (CUDA is a dispatch key of any torch), so a CUDA tensor gets the
+// op's own NotImplementedError, which says what to do instead, not a missing-backend error.
+TORCH_LIBRARY_IMPL(selattn, CUDA, m) {
+  m.impl("prefill_varlen_fwd", &prefill_varlen_fwd);
+  m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);
 }
 
 #ifdef SELATTN_WITH_CUDA

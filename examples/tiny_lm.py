@@ -41,8 +41,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim))
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        x = x + self.attn(self.norm1(x), cache)
+    def forward(self, x: Tensor, cache=None, **packed) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache, **packed)
         return x + self.mlp(self.norm2(x))
 
 
@@ -66,11 +66,15 @@ class TinyLM(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: Tensor, caches: Optional[List] = None) -> Tensor:
-        """tokens (B, N) -> logits (B, N, VOCAB). With ``caches`` (one per layer), decodes."""
+    def forward(self, tokens: Tensor, caches: Optional[List] = None, *,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        """tokens (B, N) -> logits (B, N, VOCAB). With ``caches`` (one per layer), decodes.
+        With ``cu_seqlens`` (int32, B' + 1), tokens (1, total) holds B' packed sequences, each
+        starting with its own BOS (selective attention only)."""
         x = self.embed(tokens)
+        packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+            x = block(x, None if caches is None else caches[i], **packed)
         return self.head(self.norm(x))
 
     def num_params(self) -> int:

@@ -362,16 +362,15 @@ def test_reset_starts_over():
 # errors
 # ------------------------------------------------------------------------------------------
 
-def test_left_padding_is_rejected():
+def test_right_padded_prompt_is_rejected_for_generation():
+    """Left padding works (test_transformers_ragged.py); a right-padded prompt cannot."""
     model = make_model()
     ids = prompt(n=8)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=mask, use_cache=False)
-    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
+    mask[1, -3:] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="right padding"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore")
             model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2,
                            pad_token_id=0, **{CACHE_KW: SelectivePrunedCache(budget=8)})
 
@@ -386,12 +385,14 @@ def test_non_causal_4d_mask_is_rejected():
         model(ids, attention_mask=mask, use_cache=False)
 
 
-def test_packed_sequences_are_rejected():
-    model = make_model()
-    ids = prompt(batch=1, n=8)
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    with torch.no_grad(), pytest.raises(ValueError, match="plain causal"):
-        model(ids, position_ids=position_ids, use_cache=False)
+def test_sliding_window_is_rejected():
+    config = transformers.MistralConfig(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=VOCAB, sliding_window=3)
+    model = transformers.MistralForCausalLM(config)
+    model.set_attn_implementation("selective")
+    with torch.no_grad(), pytest.raises(ValueError, match="sliding"):
+        model(prompt(n=8), use_cache=False)
 
 
 def test_attention_dropout_and_output_attentions_are_rejected():
@@ -450,13 +451,6 @@ def test_sampling_several_sequences_with_a_fresh_cache():
                              **{CACHE_KW: cache})
     assert out.shape == (3, 11)
     assert [[len(kept) for kept in layer] for layer in cache.positions()] == [[4] * 3] * 2
-
-
-def test_beam_search_is_rejected():
-    model = make_model()
-    with torch.no_grad(), pytest.raises(NotImplementedError):
-        generate(model, prompt(batch=1, n=6), SelectivePrunedCache(budget=8), num_beams=2,
-                 max_new_tokens=3)
 
 
 # ------------------------------------------------------------------------------------------

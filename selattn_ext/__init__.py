@@ -15,9 +15,9 @@ from ._config import build_info, show_config
 _config.check_build()
 
 from . import nn, ops, reference  # noqa: E402
-from .attention import attention  # noqa: E402
+from .attention import attention, attention_varlen  # noqa: E402
 from .cache import SelectiveKVCache, decode  # noqa: E402
 from .memory import memory_loss  # noqa: E402
 
-__all__ = ["attention", "build_info", "decode", "memory_loss", "nn", "ops", "reference",
-           "SelectiveKVCache", "show_config"]
+__all__ = ["attention", "attention_varlen", "build_info", "decode", "memory_loss", "nn", "ops",
+           "reference", "SelectiveKVCache", "show_config"]

@@ -108,6 +108,18 @@ class SelectiveKVCache:
         O(sequence length)."""
         return self.state_bytes() + self.workspace_bytes()
 
+    def select_rows_(self, rows: Union[Tensor, Sequence[int]]) -> None:
+        """Replaces the sequences by ``rows`` of the current ones, in place: sequence r becomes
+        the old sequence ``rows[r]`` (beam-search reordering, batch selection or expansion; the
+        batch size becomes ``len(rows)``). Keys, values, F, positions and lengths move
+        together; no host synchronisation."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).to(self.device)
+        if rows.dim() != 1 or rows.numel() < 1:
+            raise ValueError(f"rows must be a non-empty 1-D index, got shape {tuple(rows.shape)}")
+        for name in ("k_cache", "v_cache", "f", "pos", "seq_len"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.batch_size = rows.numel()
+
     def reset(self) -> None:
         """Empties every sequence (keeps the storage)."""
         self.k_cache.zero_()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention
+from .attention import _positions_in_sequence, attention, attention_varlen
 
 __all__ = ["RotaryEmbedding", "SelectiveSelfAttention"]
 
@@ -70,6 +70,9 @@ class SelectiveSelfAttention(nn.Module):
     (training). With a ``SelectiveKVCache`` it appends the N tokens to the cache (in chunks of
     ``cache.max_chunk``) at positions continuing each sequence, and attends through the
     pruned cache; ``lengths`` (B,) marks valid tokens per sequence for ragged batches.
+    ``forward(x, cu_seqlens=..., max_seqlen=...)`` with x (1, total, embed_dim) trains on
+    packed sequences through :func:`selattn_ext.attention_varlen` (positions restart at 0 for
+    each sequence).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -109,10 +112,13 @@ class SelectiveSelfAttention(nn.Module):
         # (B, N, H, D) -> (B, H, N, D) views: the op takes any strides with a contiguous last dim.
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, cache=None, *, lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cache=None, *, lengths: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cache, lengths, cu_seqlens, max_seqlen)
         if cache is None:
             if lengths is not None:
                 raise ValueError("lengths is only meaningful with a cache")
@@ -132,6 +138,26 @@ class SelectiveSelfAttention(nn.Module):
             self.last_memory = None  # decoding has no training loss; drop a stale graph
             out = self._decode(x, cache, lengths)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+    def _forward_packed(self, x: Tensor, cache, lengths, cu_seqlens: Tensor,
+                        max_seqlen: Optional[int]) -> Tensor:
+        """x (1, total, E) holding the packed sequences of ``cu_seqlens`` (DESIGN §1.1): each
+        restarts at position 0 (RoPE and BOS) and attends only to itself."""
+        if cache is not None or lengths is not None:
+            raise ValueError("cu_seqlens (packed training) cannot be combined with a cache or "
+                             "lengths")
+        if x.shape[0] != 1:
+            raise ValueError(f"packed x must be (1, total, E), got {tuple(x.shape)}")
+        if not self.selective or self.memory_tau is not None:
+            raise ValueError("cu_seqlens needs selective=True and no memory_tau")
+        total = x.shape[1]
+        if max_seqlen is None:  # an upper bound is enough; the op checks it
+            max_seqlen = total
+        positions = _positions_in_sequence(cu_seqlens, total)
+        q, k, v = self._project(x, positions)  # (1, H, total, D) views
+        out = attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                               cu_seqlens, max_seqlen, sel_head=self.sel_head)
+        return self.out_proj(out.reshape(1, total, self.num_heads * self.head_dim))
 
     def _decode(self, x: Tensor, cache, lengths: Optional[Tensor]) -> Tensor:
         from .cache import decode

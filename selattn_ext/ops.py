@@ -124,3 +124,88 @@ def _decode_step_fake(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale
                       budget, tau):
     # Mirrors csrc/ops.cpp: a contiguous output shaped like q; the cache is mutated in place.
     return q.new_empty(q.shape)
+
+
+# --- prefill_varlen (DESIGN §1.1): packed ragged batches; see selattn_ext/attention.py ------
+
+__all__ += ["prefill_varlen_fwd", "prefill_varlen_bwd"]
+
+
+def prefill_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor, k_sel: Tensor,
+                       cu_seqlens: Tensor, max_seqlen: int, scale: float,
+                       mem_tau: Optional[float] = None) -> Tuple[Tensor, ...]:
+    """Raw packed forward: q (total, Hq, D), k/v (total, Hkv, D), q_sel/k_sel (total, D),
+    cu_seqlens int32 (B + 1,). Returns (out (total, Hq, D), lse (Hq, total)), plus
+    ``mem`` (total,) (the row sums R of each token within its own sequence) when ``mem_tau`` is
+    given. Prefer :func:`selattn_ext.attention_varlen`."""
+    out, lse, mem = torch.ops.selattn.prefill_varlen_fwd.default(
+        q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale, mem_tau)
+    return (out, lse) if mem_tau is None else (out, lse, mem)
+
+
+def prefill_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Tensor,
+                       k_sel: Tensor, cu_seqlens: Tensor, max_seqlen: int, out: Tensor,
+                       lse: Tensor, dlse: Optional[Tensor], scale: float,
+                       dmem: Optional[Tensor] = None, mem_tau: Optional[float] = None,
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Raw packed backward: returns (dq, dk, dv, dq_sel, dk_sel)."""
+    return torch.ops.selattn.prefill_varlen_bwd.default(
+        dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out, lse, dlse, scale, dmem,
+        mem_tau)
+
+
+def _check_varlen_fake(q: Tensor, cu_seqlens: Tensor, **others: Tensor) -> None:
+    # What the C++ op would refuse before reading any data, so torch.compile fails the same way.
+    _check_same_device(q, cu_seqlens=cu_seqlens, **others)
+    if q.device.type == "cuda":
+        raise NotImplementedError(
+            "selattn: attention_varlen has no CUDA kernels yet (CPU only); on the GPU pad the "
+            "sequences into a dense batch, or call selattn_ext.attention once per sequence")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"selattn: cu_seqlens must be int32 (as in flash_attn_varlen_func), "
+                        f"got {cu_seqlens.dtype}")
+
+
+@torch.library.register_fake("selattn::prefill_varlen_fwd")
+def _prefill_varlen_fwd_fake(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale,
+                             mem_tau=None):
+    _check_varlen_fake(q, cu_seqlens, k=k, v=v, q_sel=q_sel, k_sel=k_sel)
+    if mem_tau is not None and not (math.isfinite(mem_tau) and mem_tau > 0):
+        raise ValueError(f"selattn: mem_tau (memory_tau) must be a positive finite number, "
+                         f"got {mem_tau}")
+    total, hq, _ = q.shape
+    # Mirrors csrc/ops.cpp: out = empty_like(q), lse (Hq, total), mem (total,) or (0,).
+    stats = _stats_dtype(q.dtype)
+    mem = q.new_empty((total,) if mem_tau is not None else (0,), dtype=stats)
+    return torch.empty_like(q), q.new_empty((hq, total), dtype=stats), mem
+
+
+@torch.library.register_fake("selattn::prefill_varlen_bwd")
+def _prefill_varlen_bwd_fake(dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out, lse,
+                             dlse, scale, dmem=None, mem_tau=None):
+    _check_varlen_fake(q, cu_seqlens, dout=dout, k=k, v=v, q_sel=q_sel, k_sel=k_sel, out=out,
+                       lse=lse, dlse=dlse, dmem=dmem)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(q_sel), torch.empty_like(k_sel))
+
+
+def _prefill_varlen_setup_context(ctx, inputs, output):
+    q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale = inputs[:8]
+    mem_tau = inputs[8] if len(inputs) > 8 else None
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, q_sel, k_sel, cu_seqlens, out, lse)
+    ctx.max_seqlen, ctx.scale, ctx.mem_tau = max_seqlen, scale, mem_tau
+
+
+def _prefill_varlen_backward(ctx, dout, dlse, dmem):
+    q, k, v, q_sel, k_sel, cu_seqlens, out, lse = ctx.saved_tensors
+    dout = _last_dim_contiguous(dout)
+    if ctx.mem_tau is None:
+        dmem = None
+    grads = prefill_varlen_bwd(dout, q, k, v, q_sel, k_sel, cu_seqlens, ctx.max_seqlen, out,
+                               lse, dlse, ctx.scale, dmem, ctx.mem_tau)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("selattn::prefill_varlen_fwd", _prefill_varlen_backward,
+                                setup_context=_prefill_varlen_setup_context)

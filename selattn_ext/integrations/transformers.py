@@ -18,17 +18,23 @@ earlier tokens, which a plain ``DynamicCache`` does not keep, so decoding with i
 and is rejected with an error. Without pruning (``budget`` >= the total length), decoding
 through ``SelectivePrunedCache`` reproduces the no-cache forward exactly (up to rounding).
 
-Masks: selective attention is always causal with position 0 as the BOS token. Only plain causal
-masks are accepted; a padding mask with any masked token (left padding, or right padding
-during generation), packed sequences, sliding windows, or a custom 4-D mask that is not plain
-causal raise ``ValueError`` instead of being silently ignored. For right-padded training
-batches pass ``attention_mask=None``: with causal attention the padding after a sequence never
-affects that sequence's own tokens (ignore the padded positions' outputs, e.g. labels = -100).
+Ragged batches (DESIGN §1.1): every sequence keeps its own BOS, its own F and its own keys.
+- Packed training (``DataCollatorWithFlattening``): when transformers passes ``cu_seq_lens_q``
+  (``return_flash_attn_kwargs=True``) or ``position_ids`` that restart at 0, the packed
+  documents run through ``selattn_ext.attention_varlen``, exactly as if run one by one.
+- Padding: a 2-D ``attention_mask`` makes pad tokens invisible (they neither select, nor are
+  selected, nor are attended to; their outputs are zeros). Left-padded batched generation works
+  with :class:`SelectivePrunedCache` (pads never occupy a cache slot; a row's BOS is its first
+  real token) and with ``use_cache=False``; each row generates what its prompt alone would.
+  Right-padded prompts for generation raise (the last prompt token of a row would be a pad).
+- Beam search reorders the pruned cache's rows (``reorder_cache``).
+Other masks (sliding windows, chunked or bidirectional blocks, a custom 4-D mask that is not
+plain causal) raise ``ValueError`` instead of being silently ignored.
 
-Not supported (each raises): beam search with a pruned cache (it cannot be reordered),
-assisted generation (it cannot be cropped), cache offloading, output_attentions, attention
-dropout, softcapping / sinks / sliding windows. Sampling with num_return_sequences > 1 works
-(the fresh cache is created at the expanded batch size).
+Not supported (each raises): assisted generation (the pruned cache cannot be cropped), cache
+offloading, output_attentions, attention dropout, softcapping / sinks / sliding windows.
+The packed and padded no-cache paths run ``attention_varlen``, which has CPU kernels only so
+far (CUDA raises ``NotImplementedError``).
 
 Transformers is an optional dependency: importing this module imports it, ``import
 selattn_ext`` does not.
@@ -79,26 +85,80 @@ def register() -> None:
 
 def selective_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
                    kv_offset: int = 0, mask_function=causal_mask_function,
-                   attention_mask: Optional[Tensor] = None, **kwargs) -> None:
-    """Mask builder for ``"selective"``: checks the mask is plain causal, returns None.
+                   attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+    """Mask builder for ``"selective"``: returns what the attention function needs, no N x N.
 
-    The kernels apply causality (and the BOS rule) themselves, so no mask is materialised.
-    Anything else (padding, packing, sliding windows, extra mask overlays) raises: the kernels
-    cannot honour it, and ignoring it would give silently wrong outputs.
+    The kernels apply causality and the BOS rule themselves. Returns None for plain causal
+    attention, the (B, kv_length) bool keep-mask when ``attention_mask`` pads some token, or,
+    for packed sequences (transformers' mask for restarting ``position_ids``), the int32
+    ``cu_seqlens`` of the flattened (B * N) tokens. Anything else (sliding windows, chunked
+    or bidirectional blocks, other overlays) raises: ignoring it would be silently wrong.
     """
-    if mask_function is not causal_mask_function or kv_offset != 0:
+    if kv_offset != 0:
         raise ValueError(
-            "attn_implementation='selective' supports only plain causal attention; this model "
-            "asked for a different mask pattern (packed sequences with restarting position_ids, "
-            "sliding window, chunked or bidirectional blocks)")
-    if attention_mask is not None and not bool(attention_mask.all()):
+            "attn_implementation='selective' supports only causal attention from position 0; "
+            f"this model asked for a mask starting at kv_offset={kv_offset} (sliding window?)")
+    cu_seqlens = None
+    if mask_function is not causal_mask_function:
+        cu_seqlens = _packed_causal_segments(mask_function, batch_size, q_length, kv_length,
+                                             attention_mask, kwargs.get("device"))
+    if attention_mask is not None:
+        keep = attention_mask[:, -kv_length:].to(torch.bool)
+        if not bool(keep.all()):
+            return keep
+    return cu_seqlens
+
+
+def _packed_causal_segments(mask_function, batch_size: int, q_length: int, kv_length: int,
+                            attention_mask: Optional[Tensor], device=None) -> Optional[Tensor]:
+    """For a mask function that is causal within independent packed segments, the int32
+    cu_seqlens of the flattened tokens (None when each row is one segment); raises otherwise.
+
+    O(N) probes instead of the N x N mask: segment starts are the queries that may not see their
+    predecessor; then every query must see itself, its segment's first token and nothing
+    before it, and no future token.
+    """
+    def fail():
         raise ValueError(
-            "attn_implementation='selective' does not support padding: attention_mask has "
-            "masked tokens. Selective attention always treats position 0 as BOS and is causal, "
-            "so left padding cannot be expressed; generate one sequence at a time or batch "
-            "sequences of equal length. For right-padded training batches pass "
-            "attention_mask=None (padding after a sequence never affects its own outputs).")
-    return None
+            "attn_implementation='selective' supports causal attention, packed sequences "
+            "(restarting position_ids) and padding masks only; this model asked for a different "
+            "mask pattern (sliding window, chunked or bidirectional blocks, or another overlay)")
+
+    if q_length != kv_length:
+        fail()
+    n = q_length
+    if n == 0 or batch_size == 0:
+        return None
+    b = torch.arange(batch_size, device=device)[:, None]
+    i = torch.arange(n, device=device)[None, :].expand(batch_size, n)
+
+    def allowed(q_idx, kv_idx):
+        return torch.broadcast_to(torch.as_tensor(mask_function(b, 0, q_idx, kv_idx)),
+                                  q_idx.shape)
+
+    starts = ~allowed(i, (i - 1).clamp(min=0))
+    starts[:, 0] = True
+    first = torch.where(starts, i, torch.zeros_like(i)).cummax(dim=1).values
+    ok = (bool(allowed(i, i).all()) and bool(allowed(i, first).all())
+          and not bool((allowed(i, (i + 1).clamp(max=n - 1)) & (i < n - 1)).any())
+          and not bool((allowed(i, (first - 1).clamp(min=0)) & (first > 0)).any()))
+    if not ok:
+        fail()
+    if not bool(starts[:, 1:].any()):
+        return None
+    if attention_mask is not None:
+        raise ValueError("attn_implementation='selective' cannot combine packed sequences with "
+                         "a padding attention_mask")
+    return _cu_seqlens_from_starts(starts)
+
+
+def _cu_seqlens_from_starts(starts: Tensor) -> Tensor:
+    """int32 cu_seqlens of the flattened (B * N) tokens from a (B, N) bool of segment starts
+    (every row must start one)."""
+    flat = starts.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    total = torch.tensor([flat.numel()], device=flat.device, dtype=idx.dtype)
+    return torch.cat([idx, total]).to(torch.int32)
 
 
 def _is_plain_causal(mask: Tensor, q_len: int, kv_len: int) -> bool:
@@ -146,9 +206,11 @@ def selective_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
     """``AttentionInterface`` function: query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D).
 
     Returns ``(out (B, Nq, Hq, D), None)`` (no attention weights: they are never
-    materialised). Without a cache, or on the first step with a fresh ``DynamicCache``
-    (Nq == Nk), runs the fused prefill; with a :class:`SelectivePrunedCache` it runs the pruned
-    decode through the layer's cache.
+    materialised). With a :class:`SelectivePrunedCache` it runs the pruned decode through the
+    layer's cache (pads skipped). Without a cache (or on the first step with a fresh
+    ``DynamicCache``, Nq == Nk): packed sequences (``cu_seq_lens_q`` or restarting
+    ``position_ids``) and padded batches run ``selattn_ext.attention_varlen`` on the real
+    tokens; a plain batch runs the dense ``selattn_ext.attention``.
     """
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
@@ -163,23 +225,116 @@ def selective_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
         raise ValueError("attn_implementation='selective' is always causal; this module asked "
                          "for non-causal (bidirectional) attention")
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
-        raise ValueError("attn_implementation='selective' supports only plain causal masks; got "
-                         "an attention_mask with padding or another pattern")
+    keep, cu_seqlens = None, None
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            if not _is_plain_causal(attention_mask, q_len, kv_len):
+                raise ValueError("attn_implementation='selective' supports only plain causal 4-D "
+                                 "masks; got an attention_mask with padding or another pattern "
+                                 "(pass the 2-D padding mask instead)")
+        elif attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
+            keep = attention_mask[:, -q_len:]  # selective_mask's keep-mask (B, kv_length)
+        elif attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
+            cu_seqlens = attention_mask  # selective_mask's packed segments
+        else:
+            raise ValueError(f"attn_implementation='selective' got an attention_mask of shape "
+                             f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; "
+                             "build masks through register()'s 'selective' mask function")
 
     layer = _take_pending(key)
     if layer is not None:
-        out = layer.attend(query, key, value, scaling)
-    elif q_len != kv_len:
+        out = layer.attend(query, key, value, scaling, keep)
+        return out.transpose(1, 2).contiguous(), None
+    if q_len != kv_len:
         raise ValueError(
             f"attn_implementation='selective' got {q_len} queries against {kv_len} cached keys: "
             "selective attention cannot continue from a plain KV cache (the accumulated "
             "selection F needs the earlier queries). Generate with "
             "cache=SelectivePrunedCache(budget=...) (past_key_values= in older transformers; "
             "exact when budget >= the total length) or with use_cache=False")
-    else:
-        out = selattn_ext.attention(query, key, value, scale=scaling, sel_head=SEL_HEAD)
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_seqlens = _cu_seqlens_from_kwargs(kwargs, query)
+    elif cu_seqlens is None and keep is None and kwargs.get("position_ids") is not None:
+        cu_seqlens = _cu_seqlens_from_position_ids(kwargs["position_ids"], query.shape[0],
+                                                   q_len)
+    if cu_seqlens is not None:
+        if keep is not None:
+            raise ValueError("attn_implementation='selective' cannot combine packed sequences "
+                             "with a padding attention_mask")
+        return _packed_attention(query, key, value, cu_seqlens, scaling), None
+    if keep is not None and not bool(keep.all()):
+        return _padded_attention(query, key, value, keep, scaling), None
+    out = selattn_ext.attention(query, key, value, scale=scaling, sel_head=SEL_HEAD)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _flat_tokens(t: Tensor) -> Tensor:
+    """(B, H, N, D) -> (B * N, H, D), a view when t is a transposed (B, N, H, D) projection."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b * n, h, d)
+
+
+def _packed_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
+                      scaling: Optional[float]) -> Tensor:
+    """Packed segments of the flattened rows, each an independent sequence; (B, N, Hq, D)."""
+    b, hq, n, d = query.shape
+    out = selattn_ext.attention_varlen(_flat_tokens(query), _flat_tokens(key),
+                                       _flat_tokens(value), cu_seqlens, n, scale=scaling,
+                                       sel_head=SEL_HEAD)
+    return out.reshape(b, n, hq, d)
+
+
+def _padded_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor,
+                      scaling: Optional[float]) -> Tensor:
+    """A padded batch: the real tokens of each row, gathered into one packed batch, run
+    through attention_varlen; pads are invisible and their outputs are zeros. (B, N, Hq, D)."""
+    b, hq, n, d = query.shape
+    prev = torch.cat([keep.new_zeros(b, 1), keep[:, :-1]], dim=1)
+    if bool(((keep & ~prev).sum(dim=1) > 1).any()):
+        raise ValueError(
+            "attn_implementation='selective': attention_mask has a padding token between the "
+            "real tokens of a row. Batched generation needs left padding (tokenizer "
+            "padding_side='left'); a right-padded prompt would continue from a pad token")
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)])
+    packed = [_flat_tokens(t).index_select(0, idx) for t in (query, key, value)]
+    out = selattn_ext.attention_varlen(*packed, cu_seqlens, n, scale=scaling, sel_head=SEL_HEAD)
+    full = out.new_zeros(b * n, hq, d).index_copy(0, idx, out)
+    return full.view(b, n, hq, d)
+
+
+def _cu_seqlens_from_kwargs(kwargs, query: Tensor) -> Tensor:
+    """The FlashAttention-style boundaries DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True) passes; queries and keys are the same packed tokens."""
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.to(cu_q.device), cu_q):
+        raise ValueError("attn_implementation='selective' needs cu_seq_lens_k == cu_seq_lens_q "
+                         "(self-attention over the same packed tokens)")
+    b, _, n, _ = query.shape
+    cu = cu_q.to(device=query.device, dtype=torch.int32)
+    if b != 1 and int(cu[-1]) != b * n:
+        raise ValueError(f"attn_implementation='selective': cu_seq_lens_q ends at {int(cu[-1])}, "
+                         f"but the batch holds {b} x {n} tokens")
+    return cu
+
+
+def _cu_seqlens_from_position_ids(position_ids: Tensor, batch: int, n: int) -> Optional[Tensor]:
+    """Packed segments where position_ids stop counting up by 1 (transformers' rule), or None
+    when every row is one run. Each segment must restart at position 0: its first token is its
+    BOS."""
+    pos = position_ids.expand(batch, -1)
+    if pos.shape[1] != n:
+        return None
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    if bool((pos[starts] != 0).any()):
+        raise ValueError("attn_implementation='selective': packed position_ids must restart at 0 "
+                         "for every sequence (its first token is its BOS); got a sequence "
+                         "starting at another position")
+    return _cu_seqlens_from_starts(starts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +361,8 @@ class SelectivePrunedLayer(CacheLayerMixin):
         self.budget, self.tau = budget, tau
         self.prefill_chunk = prefill_chunk or min(budget, MAX_DEFAULT_PREFILL_CHUNK)
         self.kv_cache = None
-        self.seen = 0  # absolute tokens added so far (the next token's position)
+        self.seen = 0  # columns added so far, pads included (the next token's column)
+        self._attended = 0  # columns that went through attend()
         self._pending: Optional[Tuple[Tensor, Tensor]] = None
 
     def __repr__(self):
@@ -246,16 +402,38 @@ class SelectivePrunedLayer(CacheLayerMixin):
     def kv_cache_batch(self) -> int:
         return self.kv_cache.batch_size
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor,
-               scaling: Optional[float]) -> Tensor:
-        """Runs the staged chunk through the pruned cache; returns out (B, Hq, Nq, D)."""
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, scaling: Optional[float],
+               keep: Optional[Tensor] = None) -> Tensor:
+        """Runs the staged chunk through the pruned cache; returns out (B, Hq, Nq, D).
+
+        ``keep`` (B, Nq) bool marks real tokens; pads are skipped (they never take a slot, and
+        a row's first real token is its BOS) and their outputs are zeros. Each row's real
+        tokens are moved to the front of the chunk and passed with per-row ``lengths``: no
+        host synchronisation.
+        """
         self._pending = None
+        first_forward = self._attended == 0
+        self._attended += query.shape[2]
+        if keep is not None and first_forward:
+            _check_left_padded(keep)
+        order = None
+        if keep is not None:
+            # Real tokens first, in order (a stable sort of the pad flags).
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+            valid = keep.sum(dim=1)
+            query, key, value = (_take_rows(t, order) for t in (query, key, value))
         step = self.prefill_chunk
-        outs = [selattn_ext.decode(query[:, :, i:i + step], key[:, :, i:i + step],
-                                   value[:, :, i:i + step], self.kv_cache, scale=scaling,
-                                   sel_head=SEL_HEAD)
-                for i in range(0, query.shape[2], step)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        outs = []
+        for i in range(0, query.shape[2], step):
+            lengths = None if order is None else (valid - i).clamp(0, step)
+            outs.append(selattn_ext.decode(query[:, :, i:i + step], key[:, :, i:i + step],
+                                           value[:, :, i:i + step], self.kv_cache,
+                                           scale=scaling, sel_head=SEL_HEAD, lengths=lengths))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if order is not None:  # back to the original columns (pads' rows are zeros)
+            index = order[:, None, :, None].expand_as(out)
+            out = torch.empty_like(out).scatter_(2, index, out)
+        return out
 
     def positions(self) -> List[List[int]]:
         return self.kv_cache.positions() if self.kv_cache is not None else []
@@ -272,7 +450,7 @@ class SelectivePrunedLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.kv_cache is not None:
             self.kv_cache.reset()
-        self.seen = 0
+        self.seen = self._attended = 0
         if self._pending is not None:
             _PENDING.pop(id(self._pending[0]), None)
             self._pending = None
@@ -284,19 +462,41 @@ class SelectivePrunedLayer(CacheLayerMixin):
         raise NotImplementedError("SelectivePrunedCache does not support offloading")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("SelectivePrunedCache does not support beam search")
+        """Beam search: row r becomes the old row ``beam_idx[r]`` (kept tokens, F, lengths)."""
+        if self.kv_cache is not None:
+            self.kv_cache.select_rows_(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SelectivePrunedCache cannot be cropped (evicted tokens are "
                                   "gone); assisted/speculative generation is not supported")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.seen:
-            raise NotImplementedError("SelectivePrunedCache cannot be expanded along the batch "
-                                      "after use; pass a fresh cache to generate()")
+        if self.kv_cache is not None:
+            rows = torch.arange(self.kv_cache.batch_size, device=self.kv_cache.device)
+            self.kv_cache.select_rows_(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        raise NotImplementedError("SelectivePrunedCache does not support batch selection")
+        if self.kv_cache is not None:
+            self.kv_cache.select_rows_(indices)
+
+
+def _take_rows(t: Tensor, order: Tensor) -> Tensor:
+    """t (B, H, N, D) with its N columns permuted per row by order (B, N)."""
+    return t.gather(2, order[:, None, :, None].expand_as(t))
+
+
+def _check_left_padded(keep: Tensor) -> None:
+    """A prompt's pads must all come before its real tokens, and every row needs one real
+    token (read once, on the first forward)."""
+    if not bool(keep[:, -1].all()):
+        raise ValueError(
+            "SelectivePrunedCache: a prompt ends with a padding token (right padding). "
+            "Batched generation needs left padding (tokenizer padding_side='left'): the next "
+            "token would otherwise be predicted from a pad")
+    prev = torch.cat([keep.new_zeros(keep.shape[0], 1), keep[:, :-1]], dim=1)
+    if bool(((keep & ~prev).sum(dim=1) > 1).any()):
+        raise ValueError("SelectivePrunedCache: attention_mask has a padding token between the "
+                         "real tokens of a prompt; use left padding")
 
 
 class SelectivePrunedCache(Cache):
