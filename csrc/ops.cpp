@@ -281,8 +281,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_bwd(
   return {dq, dk, dv, dq_sel, dk_sel};
 }
 
-// =====================================================================================// decode: one step of the pruned KV cache (DESIGN §3). Python side: selattn_ext/cache.py.
-// =====================================================================================namespace {
+// ============================================================================================
+// decode: one step of the pruned KV cache (DESIGN §3). Python side: selattn_ext/cache.py.
+// ============================================================================================
+namespace {
 
 // True when every row of t starts on a 16-byte boundary (what the CUDA kernels load).
 bool aligned16(const Tensor& t) {
@@ -446,9 +448,12 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
   return static_cast<int64_t>(cpu::decode_workspace_bytes(batch, heads_kv, chunk, head_dim, slots,
                                                           to_dtype(dtype), at::get_num_threads()));
 }
-// =====================================================================================// end of decode
-// =====================================================================================
-// =====================================================================================// prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
+// ============================================================================================
+// end of decode
+// ============================================================================================
+
+// ============================================================================================
+// prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
 // q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). Each sequence is an independent prefill, so
 // the CPU path runs the dense kernels once per sequence, their params pointing at the
 // sequence's rows of the packed tensors (a strided (1, H, n, D) sequence): no copy of q/k/v/
@@ -456,7 +461,8 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
 // ones run one per thread (run_sequences). lse is (Hq, total) as in FlashAttention's
 // varlen API; the kernels want it (B, Hq, N)-contiguous, so it goes through one O(Hq * total)
 // packed scratch where sequence b occupies [Hq * cu[b], Hq * cu[b+1]) as (Hq, n_b).
-// =====================================================================================namespace {
+// ============================================================================================
+namespace {
 
 // Validates cu_seqlens (read once, on the host) and returns it as host int64 offsets.
 std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seqlen,
@@ -708,8 +714,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_varlen_bwd(
   // Zero-length sequences own no rows, so every row of the gradients was written above.
   return {dq, dk, dv, dq_sel, dk_sel};
 }
-// =====================================================================================// end of prefill_varlen
-// =====================================================================================
+// ============================================================================================
+// end of prefill_varlen
+// ============================================================================================
+
 TORCH_LIBRARY(selattn, m) {
   m.def(
       "prefill_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel, float scale,"
