@@ -69,12 +69,25 @@ class StderrCounter:
         os.dup2(self.saved, 2)
 
 
+def _machine() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="output file (one record per case/output)")
     ap.add_argument("--sanitize", choices=["address", "thread"])
     ap.add_argument("--quick", action="store_true", help="the CI subset instead of the full matrix")
-    ap.add_argument("--defects", action="store_true", help="also check the planted defects")
+    ap.add_argument("--defects", nargs="*", metavar="NAME",
+                    help="also check the planted defects (all, or the ones named)")
+    ap.add_argument("--no-long", action="store_true",
+                    help="skip the long-N cases (for the slower sanitizer builds)")
     ap.add_argument("--only", help="run only cases whose description contains this")
     args = ap.parse_args()
     if args.sanitize and os.environ.get("SELATTN_EMU_PRELOADED") != "1":
@@ -91,6 +104,8 @@ def main() -> int:
     work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode]
     if args.only:
         work = [(k, c) for k, c in work if args.only in repr(c)]
+    if args.no_long:
+        work = [(k, c) for k, c in work if getattr(c, "seqlen", 0) < 512]
     records = []
     counter = StderrCounter() if args.sanitize else None
     start = time.time()
@@ -119,8 +134,8 @@ def main() -> int:
             records.extend(recs)
             status = "ok" if all(r["passed"] for r in recs) else "FAIL"
             print(f"{status:4} {kind:7} {c} {time.time() - t0:.1f}s", file=sys.stdout, flush=True)
-        if args.defects:
-            for name in emulated.DEFECTS:
+        if args.defects is not None:
+            for name in args.defects or list(emulated.DEFECTS):
                 t0 = time.time()
                 broken = emulated.load(sanitize=args.sanitize, defect=name)
                 probe = [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
@@ -147,7 +162,13 @@ def main() -> int:
     finally:
         if counter:
             counter.close()
-    summary = dict(cases=len(records), failed=sum(not r["passed"] for r in records),
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "csrc", "tools"],
+                           capture_output=True, text=True).stdout.strip()
+    summary = dict(commit=commit + ("+dirty" if dirty else ""), date=time.strftime("%Y-%m-%d"),
+                   machine=_machine(), cases=len(records),
+                   failed=sum(not r["passed"] for r in records),
                    sanitizer=args.sanitize or "none",
                    sanitizer_reports=sum(r.get("sanitizer_reports", 0) for r in records),
                    seconds=round(time.time() - start, 1))

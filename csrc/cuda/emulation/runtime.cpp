@@ -85,8 +85,10 @@ selattn_emu_switch:
 namespace selattn::emu {
 namespace {
 
-#if defined(SELATTN_EMU_TSAN) || defined(SELATTN_EMU_ASAN)
+#if defined(SELATTN_EMU_TSAN)
 constexpr size_t kStackBytes = 512 * 1024;
+#elif defined(SELATTN_EMU_ASAN)
+constexpr size_t kStackBytes = 192 * 1024;  // unpoisoned at every reuse: keep it small
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
