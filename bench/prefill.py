@@ -184,8 +184,45 @@ def accuracy(args, n: int) -> float:
     return (ours - ref).abs().max().item()
 
 
-def run(args) -> None:
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages (the benchmark shares its cores with others)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_memory_only(args) -> List[dict]:
+    """Peak memory growth only (no timing): long sequences where timed repetitions cost too much."""
     rows = []
+    for n in args.seqlens:
+        for mode in args.modes:
+            row = {"N": n, "B": args.batch_for(n), "mode": mode}
+            for m in methods_for(args, n):
+                peak = child_peak(args, m, n, mode)
+                row[f"{m}_peak_MB"] = None if peak is None else peak / 2**20
+            if row.get("ours_peak_MB") and row.get("sdpa_causal_peak_MB"):
+                row["ours/sdpa_causal_peak"] = row["ours_peak_MB"] / row["sdpa_causal_peak_MB"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(args) -> None:
+    if args.memory_only:
+        load_before = load_average()
+        rows = run_memory_only(args)
+        columns = list(rows[0])
+        meta = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads,
+                "head_dim": args.head_dim, "batch": args.batch, "threads": torch.get_num_threads(),
+                "memory_only": True, "load_before": load_before, "load_after": load_average()}
+        stem = common.write_results(args.out, f"prefill_mem_d{args.head_dim}", args.device, meta,
+                                    rows, columns)
+        print(common.markdown_table(rows, columns))
+        print(f"wrote {stem}.json / .md")
+        return
+    rows = []
+    load_before = load_average()
     for n in args.seqlens:
         acc = accuracy(args, min(n, 1024))
         for mode in args.modes:
@@ -226,7 +263,8 @@ def run(args) -> None:
               [c for c in rows[0] if c.endswith("_peak_MB")] + ["max_err_fwd"]
     meta = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads,
             "head_dim": args.head_dim, "tokens_per_batch": args.tokens, "batch": args.batch,
-            "reps": args.reps, "threads": torch.get_num_threads()}
+            "reps": args.reps, "threads": torch.get_num_threads(),
+            "load_before": load_before, "load_after": load_average()}
     stem = common.write_results(args.out, f"prefill_d{args.head_dim}", args.device, meta, rows,
                                 columns)
     print(common.markdown_table(rows, columns))
@@ -251,6 +289,8 @@ def parse_args(argv=None):
     p.add_argument("--flex-seqlens", default="4096,8192",
                    help="CUDA: sequence lengths that also run FlexAttention (each compiles anew)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the peak-memory measurements (one call per method and N, no timing)")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     p.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
