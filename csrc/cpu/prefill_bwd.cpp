@@ -72,7 +72,7 @@ Accum<acc_t> make_accum(void* out, int64_t bs, int64_t hs, int64_t rs, int64_t B
     a.ptr = a.own.get();
     a.bs = H * N * D, a.hs = N * D, a.rs = D;
   }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_light(B * H, N * D, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t r = 0; r < N; ++r) std::fill_n(a.rows(t / H, t % H, r), D, acc_t(0));
   });
@@ -83,7 +83,7 @@ template <typename scalar_t, typename acc_t>
 void finish_accum(const Accum<acc_t>& a, void* out, int64_t bs, int64_t hs, int64_t rs,
                   int64_t B, int64_t H, int64_t N, int64_t D) {
   if (!a.own) return;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_light(B * H, N * D, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
       store_rows<scalar_t, acc_t>(a.rows(b, h, 0), a.rs, N, D,
@@ -139,7 +139,7 @@ void bwd_impl(const PrefillParams& p) {
 
   // Dl[b, h, i] = dout . out - dlse (the dlse term is lse's own gradient, P * dlse).
   auto dl = uninit<acc_t>(B * Hq * N);
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  parallel_light(B * Hq, N * D, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Hq, h = t % Hq;
       const scalar_t* o = out + b * p.out_batch_stride + h * p.out_head_stride;

@@ -84,7 +84,7 @@ void selection_block_prefix(const PrefillParams& p, int64_t br, int64_t bc, int6
   // same Poff bits as one superchunk over all blocks.
   constexpr int64_t kCols = 256;
   const int64_t col_chunks = (N + kCols - 1) / kCols;
-  at::parallel_for(0, B * col_chunks, 1, [&](int64_t begin, int64_t stop) {
+  parallel_light(B * col_chunks, nb * kCols, [&](int64_t begin, int64_t stop) {
     fsum_t run[kCols];
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / col_chunks, j0 = (t % col_chunks) * kCols;
