@@ -76,3 +76,23 @@ def test_superchunks_memory_loss(blocks, monkeypatch):
     ours, oracle = run(selattn_ext.attention), run(reference.attention)
     for name in ours:
         assert_fa_close(name, ours[name], oracle[name], oracle[name], factor=1.0)
+
+
+def test_gradcheck_across_superchunks(monkeypatch):
+    """fp64 gradcheck (fast mode: random projections) with one 128-row block per superchunk and
+    N = 260 (three blocks, the last one partial), the selection taken from head 0 of q / k."""
+    from torch.autograd import gradcheck
+
+    from prefill_cases import STD, assert_f_matters
+
+    monkeypatch.setenv(ENV, "1")
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, N, D = 1, 2, 1, 260, 4
+    q, k, v = [(torch.randn(B, h, N, D, generator=g, dtype=torch.float64) * STD).requires_grad_()
+               for h in (Hq, Hkv, Hkv)]
+    q_sel, k_sel = reference.selection_inputs(q, k, 0)
+    assert_f_matters(q_sel, k_sel, D ** -0.5)
+    a = D ** -0.5 * q_sel.detach() @ k_sel.detach().transpose(-1, -2)
+    assert a.abs().min() > 1e-5, "a selection logit sits on the relu kink; change the seed"
+    assert gradcheck(lambda q, k, v: selattn_ext.attention(q, k, v, return_lse=True), (q, k, v),
+                     fast_mode=True)
