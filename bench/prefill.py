@@ -23,8 +23,10 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -184,8 +186,61 @@ def accuracy(args, n: int) -> float:
     return (ours - ref).abs().max().item()
 
 
-def run(args) -> None:
+def time_alternating_cpu(fns: Dict[str, Callable[[], None]], reps: int):
+    """Median wall seconds and median process CPU seconds (all threads) per call, calls
+    interleaved round-robin. On a shared, oversubscribed machine the wall time mostly measures
+    the share of the cores a method's threads were given; the CPU time is what it cost."""
+    wall: Dict[str, List[float]] = {name: [] for name in fns}
+    cpu: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    med = lambda d: {n: statistics.median(v) for n, v in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages (the benchmark shares its cores with others)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_memory_only(args) -> List[dict]:
+    """Peak memory growth only (no timing): long sequences where timed repetitions cost too much."""
     rows = []
+    for n in args.seqlens:
+        for mode in args.modes:
+            row = {"N": n, "B": args.batch_for(n), "mode": mode}
+            for m in methods_for(args, n):
+                peak = child_peak(args, m, n, mode)
+                row[f"{m}_peak_MB"] = None if peak is None else peak / 2**20
+            if row.get("ours_peak_MB") and row.get("sdpa_causal_peak_MB"):
+                row["ours/sdpa_causal_peak"] = row["ours_peak_MB"] / row["sdpa_causal_peak_MB"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(args) -> None:
+    if args.memory_only:
+        load_before = load_average()
+        rows = run_memory_only(args)
+        columns = list(rows[0])
+        meta = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads,
+                "head_dim": args.head_dim, "batch": args.batch, "threads": torch.get_num_threads(),
+                "memory_only": True, "load_before": load_before, "load_after": load_average()}
+        stem = common.write_results(args.out, f"prefill_mem_d{args.head_dim}", args.device, meta,
+                                    rows, columns)
+        print(common.markdown_table(rows, columns))
+        print(f"wrote {stem}.json / .md")
+        return
+    rows = []
+    load_before = load_average()
     for n in args.seqlens:
         acc = accuracy(args, min(n, 1024))
         for mode in args.modes:
@@ -202,13 +257,20 @@ def run(args) -> None:
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
             reps = args.reps if n <= 2048 or args.device == "cuda" else max(3, args.reps // 2)
-            times = common.time_alternating(calls, args.device, reps, warmup=0)
+            if args.device == "cpu":
+                times, cpu_times = time_alternating_cpu(calls, reps)
+            else:
+                times, cpu_times = common.time_alternating(calls, args.device, reps, warmup=0), {}
             row = {"N": n, "B": args.batch_for(n), "mode": mode, "max_err_fwd": acc}
             for m in methods:
                 row[f"{m}_ms"] = times[m] * 1e3 if m in times else failed.get(m)
             for m in methods:
                 if m != "ours" and m in times and "ours" in times:
                     row[f"ours/{m}"] = times["ours"] / times[m]
+                    if m in cpu_times:
+                        row[f"ours/{m}_cpu"] = cpu_times["ours"] / cpu_times[m]
+            for m in cpu_times:
+                row[f"{m}_cpu_ms"] = cpu_times[m] * 1e3
             if not args.no_memory:
                 for m in calls:
                     if args.device == "cuda":
@@ -226,9 +288,11 @@ def run(args) -> None:
               [c for c in rows[0] if c.endswith("_peak_MB")] + ["max_err_fwd"]
     meta = {"dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads,
             "head_dim": args.head_dim, "tokens_per_batch": args.tokens, "batch": args.batch,
-            "reps": args.reps, "threads": torch.get_num_threads()}
-    stem = common.write_results(args.out, f"prefill_d{args.head_dim}", args.device, meta, rows,
-                                columns)
+            "reps": args.reps, "threads": torch.get_num_threads(),
+            "load_before": load_before, "load_after": load_average(),
+            "selattn_ext": os.path.dirname(selattn_ext.__file__)}
+    stem = common.write_results(args.out, f"prefill_d{args.head_dim}{args.tag}", args.device, meta,
+                                rows, columns)
     print(common.markdown_table(rows, columns))
     print(f"wrote {stem}.json / .md")
 
@@ -251,6 +315,10 @@ def parse_args(argv=None):
     p.add_argument("--flex-seqlens", default="4096,8192",
                    help="CUDA: sequence lengths that also run FlexAttention (each compiles anew)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the peak-memory measurements (one call per method and N, no timing)")
+    p.add_argument("--tag", default="",
+                   help="appended to the result name, e.g. _base when timing another build via PYTHONPATH")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     p.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)

@@ -10,7 +10,11 @@
 // each row of its F tiles: the auxiliary memory loss's R[b, i], computed once per row whatever
 // the head split, from the same tiles the attention uses.
 //
-// Workspace: Poff, B * ceil(N / kBr) * N doubles; per thread O(kBr * D * heads + (kBr + kBc) * D
+// Query blocks run in superchunks (selection_prefix.h): the pre-pass of one superchunk, then its
+// attention items, then the next superchunk with the carried column sums.
+//
+// Workspace: Poff of one superchunk, B * blocks * N doubles (selection_prefix.h), plus the
+// B * N carry when there is more than one superchunk; per thread O(kBr * D * heads + (kBr + kBc) * D
 // + kBr * kBc) scratch, the head part capped at ~1 MiB. Nothing is N x N.
 #include <c10/util/Exception.h>
 
@@ -94,13 +98,20 @@ void fwd_impl(const PrefillParams& p) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t nblk = (N + kBr - 1) / kBr;
 
-  auto poff = uninit<fsum_t>(B * nblk * N);
-  selection_block_prefix<scalar_t, acc_t>(p, kBr, kBc, poff.get());
+  const int64_t sc_blocks = superchunk_blocks(
+      B, nblk, N, B * p.heads_q * N * D * static_cast<int64_t>(sizeof(scalar_t)));
+  auto poff = uninit<fsum_t>(B * sc_blocks * N);
+  std::unique_ptr<fsum_t[]> carry;
+  if (sc_blocks < nblk) {
+    carry = uninit<fsum_t>(B * N);
+    std::fill_n(carry.get(), B * N, fsum_t(0));
+  }
 
   // Enough items for dynamic balancing: split heads when there are few (b, I) pairs.
   const int64_t nthreads = at::get_num_threads();
   int64_t chunks = 1;
-  if (B * nblk < 4 * nthreads) chunks = std::min(Hq, (4 * nthreads + B * nblk - 1) / (B * nblk));
+  const int64_t items = B * sc_blocks;  // (b, I) pairs of one superchunk
+  if (items < 4 * nthreads) chunks = std::min(Hq, (4 * nthreads + items - 1) / items);
   // Cap the per-thread q / output accumulators of a chunk at ~1 MiB of fp32.
   const int64_t max_heads = std::max<int64_t>(1, (int64_t(1) << 18) / (kBr * D));
   chunks = std::max(chunks, (Hq + max_heads - 1) / max_heads);
@@ -119,130 +130,135 @@ void fwd_impl(const PrefillParams& p) {
   const acc_t mem_tau = static_cast<acc_t>(p.mem_tau);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  run_dynamic(B * nblk * chunks, [&](const auto& next) {
-    auto qsel_buf = uninit<acc_t>(kBr * D);
-    auto ksel_buf = uninit<acc_t>(kBc * D);
-    auto a_buf = uninit<acc_t>(kBr * kBc);
-    auto f_buf = uninit<acc_t>(kBr * kBc);
-    auto run_buf = uninit<acc_t>(kBc);
-    auto s_buf = uninit<acc_t>(kBr * kBc);
-    auto q_buf = uninit<acc_t>(heads_per * kBr * D);
-    auto k_buf = uninit<acc_t>(kBc * D);
-    auto v_buf = uninit<acc_t>(kBc * D);
-    auto mem_row = uninit<fsum_t>(kBr);  // R of the block's rows, summed over key tiles
-    auto o_acc = uninit<acc_t>(heads_per * kBr * D);
-    auto m_acc = uninit<acc_t>(heads_per * kBr);
-    auto l_acc = uninit<acc_t>(heads_per * kBr);
-    std::vector<const acc_t*> qt(heads_per);
-    std::vector<int64_t> qld(heads_per);
+  for (int64_t I0 = 0; I0 < nblk; I0 += sc_blocks) {
+    const int64_t I1 = std::min(nblk, I0 + sc_blocks), nb = I1 - I0;
+    selection_block_prefix<scalar_t, acc_t>(p, kBr, kBc, I0, I1, poff.get(), carry.get(),
+                                            carry ? CarryMode::kAdvance : CarryMode::kNone);
+    run_dynamic(B * nb * chunks, [&](const auto& next) {
+      auto qsel_buf = uninit<acc_t>(kBr * D);
+      auto ksel_buf = uninit<acc_t>(kBc * D);
+      auto a_buf = uninit<acc_t>(kBr * kBc);
+      auto f_buf = uninit<acc_t>(kBr * kBc);
+      auto run_buf = uninit<acc_t>(kBc);
+      auto s_buf = uninit<acc_t>(kBr * kBc);
+      auto q_buf = uninit<acc_t>(heads_per * kBr * D);
+      auto k_buf = uninit<acc_t>(kBc * D);
+      auto v_buf = uninit<acc_t>(kBc * D);
+      auto mem_row = uninit<fsum_t>(kBr);  // R of the block's rows, summed over key tiles
+      auto o_acc = uninit<acc_t>(heads_per * kBr * D);
+      auto m_acc = uninit<acc_t>(heads_per * kBr);
+      auto l_acc = uninit<acc_t>(heads_per * kBr);
+      std::vector<const acc_t*> qt(heads_per);
+      std::vector<int64_t> qld(heads_per);
 
-    for (int64_t it; (it = next()) >= 0;) {
-      const int64_t I = nblk - 1 - it / (B * chunks);
-      const int64_t b = (it / chunks) % B, h0 = (it % chunks) * heads_per;
-      const int64_t h1 = std::min(Hq, h0 + heads_per), nh = h1 - h0;
-      const int64_t r0 = I * kBr, rows = std::min(kBr, N - r0), end = r0 + rows;
-      const fsum_t* poff_row = poff.get() + (b * nblk + I) * N;
-      // Every head chunk of (b, I) builds the same F tiles; only the first one sums R.
-      const bool sum_mem = want_mem && h0 == 0;
-      if (sum_mem) std::fill_n(mem_row.get(), rows, fsum_t(0));
+      for (int64_t it; (it = next()) >= 0;) {
+        const int64_t I = I1 - 1 - it / (B * chunks);
+        const int64_t b = (it / chunks) % B, h0 = (it % chunks) * heads_per;
+        const int64_t h1 = std::min(Hq, h0 + heads_per), nh = h1 - h0;
+        const int64_t r0 = I * kBr, rows = std::min(kBr, N - r0), end = r0 + rows;
+        const fsum_t* poff_row = poff.get() + (b * nb + I - I0) * N;
+        // Every head chunk of (b, I) builds the same F tiles; only the first one sums R.
+        const bool sum_mem = want_mem && h0 == 0;
+        if (sum_mem) std::fill_n(mem_row.get(), rows, fsum_t(0));
 
-      int64_t ld_qsel, ld_ksel, ld_k = 0, ld_v = 0;
-      const acc_t* qs = load_rows<scalar_t, acc_t>(
-          qsel + b * p.q_sel_batch_stride + r0 * p.q_sel_row_stride, p.q_sel_row_stride, rows, D,
-          qsel_buf.get(), &ld_qsel);
-      for (int64_t h = h0; h < h1; ++h) {
-        qt[h - h0] = load_rows<scalar_t, acc_t>(
-            q + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride, p.q_row_stride,
-            rows, D, q_buf.get() + (h - h0) * kBr * D, &qld[h - h0]);
-      }
-      std::fill(o_acc.get(), o_acc.get() + nh * kBr * D, acc_t(0));
-      std::fill(m_acc.get(), m_acc.get() + nh * kBr, kNegInf);
-      std::fill(l_acc.get(), l_acc.get() + nh * kBr, acc_t(0));
-
-      for (int64_t c0 = 0; c0 < end; c0 += kBc) {
-        const int64_t cols = std::min(kBc, end - c0);
-        const acc_t* ks = load_rows<scalar_t, acc_t>(
-            ksel + b * p.k_sel_batch_stride + c0 * p.k_sel_row_stride, p.k_sel_row_stride, cols,
-            D, ksel_buf.get(), &ld_ksel);
-        gemm_rm<acc_t>(false, true, rows, cols, D, scale, qs, ld_qsel, ks, ld_ksel, acc_t(0),
-                       a_buf.get(), kBc);
-        selection_f_tile<acc_t>(a_buf.get(), kBc, poff_row + c0, r0, c0, rows, cols, f_buf.get(),
-                                kBc, run_buf.get());
-        if (sum_mem) {
-          // Only keys j <= i: the tile's entries beyond the diagonal are not part of the row.
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t valid = std::min(cols, r0 + r - c0 + 1);
-            if (valid > 0) mem_row[r] += clipped_sum(f_buf.get() + r * kBc, mem_tau, valid);
-          }
-        }
-
-        int64_t loaded_kv = -1;
-        const acc_t* kt = nullptr;
-        const acc_t* vt = nullptr;
+        int64_t ld_qsel, ld_ksel, ld_k = 0, ld_v = 0;
+        const acc_t* qs = load_rows<scalar_t, acc_t>(
+            qsel + b * p.q_sel_batch_stride + r0 * p.q_sel_row_stride, p.q_sel_row_stride, rows, D,
+            qsel_buf.get(), &ld_qsel);
         for (int64_t h = h0; h < h1; ++h) {
-          const int64_t kvh = h / group, hl = h - h0;
-          if (kvh != loaded_kv) {
-            kt = load_rows<scalar_t, acc_t>(
-                k + b * p.k_batch_stride + kvh * p.k_head_stride + c0 * p.k_row_stride,
-                p.k_row_stride, cols, D, k_buf.get(), &ld_k);
-            vt = load_rows<scalar_t, acc_t>(
-                v + b * p.v_batch_stride + kvh * p.v_head_stride + c0 * p.v_row_stride,
-                p.v_row_stride, cols, D, v_buf.get(), &ld_v);
-            loaded_kv = kvh;
-          }
-          acc_t* s = s_buf.get();
-          gemm_rm<acc_t>(false, true, rows, cols, D, scale, qt[hl], qld[hl], kt, ld_k, acc_t(0),
-                         s, kBc);
-          acc_t* o = o_acc.get() + hl * kBr * D;
-          acc_t* m = m_acc.get() + hl * kBr;
-          acc_t* l = l_acc.get() + hl * kBr;
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* sr = s + r * kBc;
-            // Causal: keys c0 .. i only. A row can end before this tile when kBc > kBr.
-            const int64_t valid = std::min(cols, r0 + r - c0 + 1);
-            if (valid <= 0) {
-              std::fill(sr, sr + cols, acc_t(0));
-              continue;
-            }
-            const acc_t tile_max = subtract_and_max(sr, f_buf.get() + r * kBc, valid);
-            const acc_t m_new = std::max(m[r], tile_max);
-            const acc_t sum = exp_and_sum(sr, m_new, valid, cols);
-            if (m[r] != m_new) {
-              const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first tile
-              if (m[r] != kNegInf) {
-                acc_t* orow = o + r * D;
-                for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
-              }
-              l[r] = l[r] * alpha + sum;
-              m[r] = m_new;
-            } else {
-              l[r] += sum;
-            }
-          }
-          gemm_rm<acc_t>(false, false, rows, D, cols, acc_t(1), s, kBc, vt, ld_v, acc_t(1), o, D);
+          qt[h - h0] = load_rows<scalar_t, acc_t>(
+              q + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride, p.q_row_stride,
+              rows, D, q_buf.get() + (h - h0) * kBr * D, &qld[h - h0]);
         }
-      }
+        std::fill(o_acc.get(), o_acc.get() + nh * kBr * D, acc_t(0));
+        std::fill(m_acc.get(), m_acc.get() + nh * kBr, kNegInf);
+        std::fill(l_acc.get(), l_acc.get() + nh * kBr, acc_t(0));
 
-      if (sum_mem) {
-        for (int64_t r = 0; r < rows; ++r) mem[b * N + r0 + r] = static_cast<acc_t>(mem_row[r]);
-      }
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t hl = h - h0;
-        acc_t* o = o_acc.get() + hl * kBr * D;
-        const acc_t* m = m_acc.get() + hl * kBr;
-        const acc_t* l = l_acc.get() + hl * kBr;
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t inv = acc_t(1) / l[r];
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
-          lse[(b * Hq + h) * N + r0 + r] = m[r] + std::log(l[r]);
+        for (int64_t c0 = 0; c0 < end; c0 += kBc) {
+          const int64_t cols = std::min(kBc, end - c0);
+          const acc_t* ks = load_rows<scalar_t, acc_t>(
+              ksel + b * p.k_sel_batch_stride + c0 * p.k_sel_row_stride, p.k_sel_row_stride, cols,
+              D, ksel_buf.get(), &ld_ksel);
+          gemm_rm<acc_t>(false, true, rows, cols, D, scale, qs, ld_qsel, ks, ld_ksel, acc_t(0),
+                         a_buf.get(), kBc);
+          selection_f_tile<acc_t>(a_buf.get(), kBc, poff_row + c0, r0, c0, rows, cols, f_buf.get(),
+                                  kBc, run_buf.get());
+          if (sum_mem) {
+            // Only keys j <= i: the tile's entries beyond the diagonal are not part of the row.
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t valid = std::min(cols, r0 + r - c0 + 1);
+              if (valid > 0) mem_row[r] += clipped_sum(f_buf.get() + r * kBc, mem_tau, valid);
+            }
+          }
+
+          int64_t loaded_kv = -1;
+          const acc_t* kt = nullptr;
+          const acc_t* vt = nullptr;
+          for (int64_t h = h0; h < h1; ++h) {
+            const int64_t kvh = h / group, hl = h - h0;
+            if (kvh != loaded_kv) {
+              kt = load_rows<scalar_t, acc_t>(
+                  k + b * p.k_batch_stride + kvh * p.k_head_stride + c0 * p.k_row_stride,
+                  p.k_row_stride, cols, D, k_buf.get(), &ld_k);
+              vt = load_rows<scalar_t, acc_t>(
+                  v + b * p.v_batch_stride + kvh * p.v_head_stride + c0 * p.v_row_stride,
+                  p.v_row_stride, cols, D, v_buf.get(), &ld_v);
+              loaded_kv = kvh;
+            }
+            acc_t* s = s_buf.get();
+            gemm_rm<acc_t>(false, true, rows, cols, D, scale, qt[hl], qld[hl], kt, ld_k, acc_t(0),
+                           s, kBc);
+            acc_t* o = o_acc.get() + hl * kBr * D;
+            acc_t* m = m_acc.get() + hl * kBr;
+            acc_t* l = l_acc.get() + hl * kBr;
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* sr = s + r * kBc;
+              // Causal: keys c0 .. i only. A row can end before this tile when kBc > kBr.
+              const int64_t valid = std::min(cols, r0 + r - c0 + 1);
+              if (valid <= 0) {
+                std::fill(sr, sr + cols, acc_t(0));
+                continue;
+              }
+              const acc_t tile_max = subtract_and_max(sr, f_buf.get() + r * kBc, valid);
+              const acc_t m_new = std::max(m[r], tile_max);
+              const acc_t sum = exp_and_sum(sr, m_new, valid, cols);
+              if (m[r] != m_new) {
+                const acc_t alpha = std::exp(m[r] - m_new);  // 0 on the first tile
+                if (m[r] != kNegInf) {
+                  acc_t* orow = o + r * D;
+                  for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
+                }
+                l[r] = l[r] * alpha + sum;
+                m[r] = m_new;
+              } else {
+                l[r] += sum;
+              }
+            }
+            gemm_rm<acc_t>(false, false, rows, D, cols, acc_t(1), s, kBc, vt, ld_v, acc_t(1), o, D);
+          }
         }
-        store_rows<scalar_t, acc_t>(o, D, rows, D,
-                                    out + b * p.out_batch_stride + h * p.out_head_stride +
-                                        r0 * p.out_row_stride,
-                                    p.out_row_stride);
+
+        if (sum_mem) {
+          for (int64_t r = 0; r < rows; ++r) mem[b * N + r0 + r] = static_cast<acc_t>(mem_row[r]);
+        }
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t hl = h - h0;
+          acc_t* o = o_acc.get() + hl * kBr * D;
+          const acc_t* m = m_acc.get() + hl * kBr;
+          const acc_t* l = l_acc.get() + hl * kBr;
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t inv = acc_t(1) / l[r];
+            for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+            lse[(b * Hq + h) * N + r0 + r] = m[r] + std::log(l[r]);
+          }
+          store_rows<scalar_t, acc_t>(o, D, rows, D,
+                                      out + b * p.out_batch_stride + h * p.out_head_stride +
+                                          r0 * p.out_row_stride,
+                                      p.out_row_stride);
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 }  // namespace

@@ -149,6 +149,16 @@ inline void run_dynamic(int64_t n_items, const Body& body) {
   });
 }
 
+// at::parallel_for over n items of about `work` elements each, run inline when the total is
+// small: the O(N) passes around the tile loops (zero fills, Dl, conversions, the Poff prefix)
+// cost ~1/N of the kernel, while every parallel region is a fork and a join that, on a busy
+// machine, waits for whichever thread the scheduler parked.
+template <typename Fn>
+inline void parallel_light(int64_t n, int64_t work, const Fn& fn) {
+  constexpr int64_t kInlineElems = int64_t(1) << 24;
+  at::parallel_for(0, n, std::max<int64_t>(1, kInlineElems / std::max<int64_t>(work, 1)), fn);
+}
+
 template <typename T>
 inline std::unique_ptr<T[]> uninit(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
