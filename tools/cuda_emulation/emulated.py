@@ -129,7 +129,7 @@ def _compile_all(csrc: str, outdir: str, sanitize: Optional[str]) -> str:
         if sanitize == "thread" and src.endswith("runtime.cpp"):
             # The scheduler's own state is not kernel memory: not instrumented (it still calls
             # the TSan fiber and sync annotations).
-            flags = [f for f in flags if f != "-fsanitize=thread"]
+            flags = [f for f in flags if f != "-fsanitize=thread"] + ["-DSELATTN_EMU_TSAN=1"]
         digest = _closure_digest(src, include_dirs, flags)
         obj = os.path.join(objs_dir, f"{os.path.basename(src)}.{digest}.o")
         jobs.append((src, obj, flags))

@@ -110,6 +110,21 @@ def main() -> int:
     counter = StderrCounter() if args.sanitize else None
     start = time.time()
     try:
+        if args.sanitize == "thread":
+            # The race checker itself: one unordered write/read pair must be reported, the same
+            # pair behind a __syncthreads must not.
+            out = torch.zeros(4, dtype=torch.int32)
+            counts = []
+            for barrier in (1, 0):
+                emu.lib.selattn_emu_race_test(barrier, emulated._ptr(out))
+                counts.append(counter.take()[0])
+            records.append(dict(kernel="race_checker_self_test", dtype="-", head_dim=None,
+                                shape=None, max_err=None, tol=None,
+                                passed=counts[0] == 0 and counts[1] >= 1,
+                                reports_with_barrier=counts[0], reports_without=counts[1],
+                                sanitizer="thread", sanitizer_reports=0))
+            print(f"race checker self-test: {counts[0]} report(s) with the barrier, "
+                  f"{counts[1]} without", flush=True)
         for kind, c in work:
             t0 = time.time()
             try:

@@ -108,6 +108,15 @@ __global__ void divergent_barrier_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// Thread 0 writes a shared word that thread 33 (another warp) then reads: a race unless the
+// barrier is there. For checking that the race checker sees one.
+__global__ void race_test_kernel(int use_barrier, int* out) {
+  SELATTN_SHARED(word, int);
+  if (threadIdx.x == 0) word = 7;
+  if (use_barrier) __syncthreads();
+  if (threadIdx.x == 33) out[0] = word;
+}
+
 template <typename... K, typename... A>
 int run_one_warp(void (*kernel)(K...), A... args) {
   return selattn::cuda::launch_kernel(kernel, dim3(1), dim3(32), 0, nullptr, args...);
@@ -215,6 +224,10 @@ int selattn_emu_gemm_test(int bf16, const uint16_t* a, const uint16_t* b, float*
 }
 int selattn_emu_shuffle_test(int arg, int width, int* out) {
   return run_one_warp(shuffle_test_kernel, arg, width, out);
+}
+int selattn_emu_race_test(int use_barrier, int* out) {
+  return selattn::cuda::launch_kernel(race_test_kernel, dim3(1), dim3(64), 0, nullptr, use_barrier,
+                                      out);
 }
 int selattn_emu_divergent_barrier_test(int* out) {
   return run_one_warp(divergent_barrier_kernel, out);

@@ -20,8 +20,12 @@
 
 #include "cuda/emulation/half.h"
 
-#if defined(__SANITIZE_THREAD__)
+// SELATTN_EMU_TSAN: set by the build for this file, which is not itself instrumented, so
+// __SANITIZE_THREAD__ is not defined here even in a ThreadSanitizer build.
+#if defined(__SANITIZE_THREAD__) && !defined(SELATTN_EMU_TSAN)
 #define SELATTN_EMU_TSAN 1
+#endif
+#if defined(SELATTN_EMU_TSAN)
 extern "C" {
 void* __tsan_get_current_fiber(void);
 void* __tsan_create_fiber(unsigned flags);
