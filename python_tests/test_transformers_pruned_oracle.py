@@ -64,9 +64,16 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 AttentionInterface.register(ORACLE_IMPL, _oracle_attention)
 
 
-@pytest.mark.parametrize("prefill_chunk,tau", [(1, None), (4, None), (3, 1.5)])
-def test_pruned_generation_matches_reference_cache_oracle(prefill_chunk, tau):
+# The last case gives every attention layer a non-default scaling (as models with a
+# query_pre_attn_scalar do), which the integration must pass on to prefill and decode.
+@pytest.mark.parametrize("prefill_chunk,tau,scaling", [(1, None, None), (4, None, None),
+                                                       (3, 1.5, None), (2, None, 0.45)])
+def test_pruned_generation_matches_reference_cache_oracle(prefill_chunk, tau, scaling):
     model = make_model(torch.float64)
+    if scaling is not None:
+        for layer in model.model.layers:
+            assert layer.self_attn.scaling != scaling
+            layer.self_attn.scaling = scaling
     ids = prompt(n=11, seed=7)
     budget, new = 5, 9
     with torch.no_grad():
