@@ -97,8 +97,11 @@ def integer_selection_inputs(b, hq, hkv, n, d, *, dtype, device, seed):
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("budget,chunk", [(64, 1), (64, 3), (7, 1), (7, 2)])
+# Tau alone (a budget above the length) and tau with the budget, chunks of 1 and more; the
+# low-precision cases keep F exact (integers) but round q.k differently in the attention.
+@pytest.mark.parametrize("dtype,budget,chunk", [
+    (torch.float64, 64, 1), (torch.float64, 7, 2), (torch.float32, 64, 3),
+    (torch.bfloat16, 7, 1)], ids=["f64-64-1", "f64-7-2", "f32-64-3", "bf16-7-1"])
 def test_tau_ties_keep_the_token(device, dtype, budget, chunk):
     b, hq, hkv, n, d, tau = 2, 2, 1, 40, 8, 4.0
     q, k, v = integer_selection_inputs(b, hq, hkv, n, d, dtype=dtype, device=device,
