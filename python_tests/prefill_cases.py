@@ -181,11 +181,12 @@ def assert_fa_close(name: str, ours: torch.Tensor, eager_lowprec: torch.Tensor,
                           f"error {base:.3g} + 1e-5")
 
 
-def check_against_reference(case: Case, device: str, grads: bool) -> None:
+def check_against_reference(case: Case, device: str, grads: bool, std: float = STD) -> None:
     """Runs ``case`` through selattn_ext.attention, the reference in the test dtype and the fp64
-    reference, and applies the tolerance rule to out, lse and (if ``grads``) every gradient."""
+    reference, and applies the tolerance rule to out, lse and (if ``grads``) every gradient.
+    ``std``: of the q / k (and selection) inputs."""
     skip_if_unsupported(device, case.dtype, case.D)
-    leaves = make_leaves(case, device)
+    leaves = make_leaves(case, device, std)
     if case.N >= 17:
         q_sel, k_sel = selection_of(case, leaves)
         assert_f_matters(q_sel, k_sel, case.effective_scale)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import selattn_ext
+from selattn_ext import reference
 from prefill_cases import (Case, check_against_reference, cotangents, grid_cases, make_leaves,
                            max_err, skip_if_unsupported)
 
@@ -20,6 +21,23 @@ def test_forward_matches_reference(case, device):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_gradients_match_reference(case, device):
     check_against_reference(case, device, grads=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_sequence_with_moderate_f(dtype, device):
+    """N = 300 (three CPU query blocks, two key tiles) with small selection logits, so F grows
+    slowly and no key's weight vanishes: the share of F from every earlier query block shows
+    in the output. (With the usual input scales F of old keys is so large that their weight is
+    0 whether or not an earlier block's share is counted, so a kernel that dropped it passed.)"""
+    case = Case(B=2, Hq=2, Hkv=1, N=300, D=32, dtype=dtype, sel="explicit")
+    std = 0.25
+    leaves = make_leaves(case, "cpu", std)
+    f = reference.accumulated_selection(leaves["q_sel"].double(), leaves["k_sel"].double(),
+                                        case.effective_scale)
+    # Block 0's share of F (F at row 128) is large enough to matter, and the last row still
+    # gives every key a visible weight.
+    assert f[:, 128].max() > 1.0 and f[:, -1].max() < 15
+    check_against_reference(case, device, grads=True, std=std)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
