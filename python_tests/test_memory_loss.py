@@ -4,7 +4,6 @@ layer loss ``selattn_ext.memory_loss``, the raw ops' ``mem_tau`` / ``dmem``, and
 M[b, i] = (i + 1) - sum_{j <= i} min(F[b, i, j], tau) / tau; every check is against the eager
 reference (``reference.attention(..., memory_tau=...)``, which materialises F)."""
 
-import functools
 import math
 
 import pytest
@@ -17,22 +16,6 @@ from selattn_ext import reference
 from selattn_ext.nn import SelectiveSelfAttention
 from prefill_cases import (STD, Case, as_inputs, assert_f_matters, assert_fa_close, cotangents,
                            make_leaves, selection_of, skip_if_unsupported)
-
-
-@functools.lru_cache(maxsize=None)
-def _mem_supported(device: str) -> bool:
-    t = torch.zeros(1, 1, 2, 32, device=device)
-    try:
-        torch.ops.selattn.prefill_fwd(t, t, t, t[:, 0], t[:, 0], 1.0, 1.0)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def skip_if_no_mem(device: str) -> None:
-    """Skips where the op rejects mem_tau (NotImplementedError): an older build's CUDA kernels."""
-    if not _mem_supported(device):
-        pytest.skip(f"mem_tau not implemented on {device}")
 
 
 def fused_and_reference(case: Case, leaves, tau: float, dout, dlse, dmem, fn):
@@ -73,7 +56,6 @@ MEM_CASES = [
                          ids=[f"{c.id}-tau{t:g}" for c, t in MEM_CASES])
 def test_memory_and_gradients_match_reference(case, tau, device):
     skip_if_unsupported(device, case.dtype, case.D)
-    skip_if_no_mem(device)
     leaves = make_leaves(case, device)
     q_sel, k_sel = selection_of(case, leaves)
     assert_f_matters(q_sel, k_sel, case.effective_scale)
@@ -104,7 +86,6 @@ def test_memory_and_gradients_match_reference(case, tau, device):
 def test_memory_gradient_alone_reaches_selection_only(device):
     """A loss on M alone: q / k get gradient only through the selection head's slices, v none;
     all of it matches autograd through the reference in fp64."""
-    skip_if_no_mem(device)
     case = Case(B=2, Hq=4, Hkv=2, N=40, D=32, dtype=torch.float64, sel_head=1)
     leaves = {n: t.detach().requires_grad_() for n, t in make_leaves(case, device).items()}
     grads = {}
@@ -126,7 +107,6 @@ def test_clip_boundary_gradient_matches_reference(device):
     """F == tau exactly on several entries: 0 / 1 selection rows make F integer. At F == tau the
     fused backward takes the saturated side (gradient 0, as relu at 0 and torch.clamp from
     torch 2.14); the reference spells that out with torch.where, and <= would differ."""
-    skip_if_no_mem(device)
     B, N, D = 1, 24, 32
     g = torch.Generator().manual_seed(3)
     # Selection rows of 0 / 1 entries with scale 1: every logit is a small integer, F sums them.
@@ -168,7 +148,6 @@ def _away_from_kinks(q_sel, k_sel, scale, tau, margin=1e-3):
 def test_gradcheck_out_and_memory(sel, device):
     """fp64 gradcheck of (out, lse, M) jointly, so the Jacobian mixes the attention path and the
     memory term of dF."""
-    skip_if_no_mem(device)
     D = 4 if device == "cpu" else 32
     skip_if_unsupported(device, torch.float64, D)
     B, Hq, Hkv, N, tau = 2, 4, 2, 7, 0.9
@@ -196,7 +175,6 @@ def test_gradcheck_out_and_memory(sel, device):
 def test_memory_loss_matches_eager_formula(device):
     """L_mem over three layers (different inputs, sel_head and explicit selection): the value
     equals a literal loop of the documented formula, and its gradient matches the reference."""
-    skip_if_no_mem(device)
     B, Hq, N, D = 3, 2, 45, 16
     layers = [(_leaf(B, Hq, N, D, device=device, seed=30 + 3 * i),
                _leaf(B, 1, N, D, device=device, seed=31 + 3 * i),
@@ -255,8 +233,6 @@ def _op_samples(device):
 @pytest.mark.parametrize("index", range(3))
 @pytest.mark.parametrize("mem_tau", [None, 0.8])
 def test_opcheck_prefill_with_mem_tau(index, mem_tau, device):
-    if mem_tau is not None:
-        skip_if_no_mem(device)
     skip_if_unsupported(device, torch.float64 if index == 2 else torch.float32, 32)
     args = _op_samples(device)[index]
     fwd_args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args)
@@ -277,7 +253,6 @@ def test_opcheck_prefill_with_mem_tau(index, mem_tau, device):
 def test_raw_bwd_dmem_term_is_linear_and_zero_without_dmem(device):
     """prefill_bwd(dmem) - prefill_bwd(None) is the memory term alone and is linear in dmem;
     a mem_tau without dmem changes nothing."""
-    skip_if_no_mem(device)
     q, k, v, q_sel, k_sel, scale = _op_samples(device)[2]  # fp64
     out, lse, mem = torch.ops.selattn.prefill_fwd(q, k, v, q_sel, k_sel, scale, 0.8)
     dout = torch.randn_like(out)
@@ -315,7 +290,6 @@ def test_bad_mem_tau_rejected(tau, device):
 
 
 def test_bad_dmem_rejected(device):
-    skip_if_no_mem(device)
     q, k, v, q_sel, k_sel, scale = _op_samples(device)[0]
     out, lse, mem = torch.ops.selattn.prefill_fwd(q, k, v, q_sel, k_sel, scale, 1.0)
     common = (torch.randn_like(out), q, k, v, q_sel, k_sel, out, lse, None, scale)
@@ -328,7 +302,6 @@ def test_bad_dmem_rejected(device):
 
 
 def test_compile_fullgraph_with_memory(device):
-    skip_if_no_mem(device)
     B, Hq, Hkv, N, D = 2, 4, 2, 21, 32
     leaves = [_leaf(B, Hq, N, D, device=device, seed=50).float(),
               _leaf(B, Hkv, N, D, device=device, seed=51).float(),
@@ -350,7 +323,6 @@ def test_compile_fullgraph_with_memory(device):
 
 
 def test_module_flag_stores_layer_memory(device):
-    skip_if_no_mem(device)
     torch.manual_seed(7)
     E, H, Hkv, N, tau = 64, 4, 2, 33, 1.0
     layer = SelectiveSelfAttention(E, H, Hkv, memory_tau=tau, sel_head=1).double().to(device)
@@ -387,7 +359,6 @@ def test_module_flag_rejects_non_selective():
 
 def test_raw_wrapper_keeps_two_outputs_without_mem_tau(device):
     """selattn_ext.ops.prefill_fwd returns (out, lse) as before unless mem_tau is given."""
-    skip_if_no_mem(device)
     q, k, v, q_sel, k_sel, scale = _op_samples(device)[0]
     out, lse = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale)
     out3, lse3, mem = selattn_ext.ops.prefill_fwd(q, k, v, q_sel, k_sel, scale, 1.0)

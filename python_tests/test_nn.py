@@ -3,7 +3,6 @@ cached decoding (token by token, chunked, ragged) equals prefill, RoPE is relati
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import selattn_ext
 from selattn_ext import SelectiveKVCache, reference
@@ -89,12 +88,23 @@ def test_pruned_cache_stays_within_budget(device):
     assert len(kept) == 6 and kept[0] == 0 and kept[-1] == 39
 
 
-def test_plain_attention_ablation_equals_sdpa(device):
+def test_plain_attention_ablation_is_causal_attention(device):
+    # The oracle is written out (causal softmax in fp64), not SDPA again: the module itself
+    # calls SDPA, so comparing with SDPA would test nothing. GQA: head h reads kv head h // 2.
     m = SelectiveSelfAttention(64, 4, 2, selective=False).to(device, torch.float64)
     x = torch.randn(2, 17, 64, device=device, dtype=torch.float64)
     q, k, v = m._project(x, torch.arange(17, device=device))
-    o = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
-    torch.testing.assert_close(m(x), m.out_proj(o.transpose(1, 2).reshape(2, 17, 64)))
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    logits = (q @ kk.transpose(-1, -2)) * m.head_dim ** -0.5
+    future = torch.ones(17, 17, dtype=torch.bool, device=device).triu(1)
+    o = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1) @ vv
+    expected = m.out_proj(o.transpose(1, 2).reshape(2, 17, 64))
+    torch.testing.assert_close(m(x), expected, rtol=1e-10, atol=1e-10)
+    # ... and it differs from the selective module with the same weights (F is not zero).
+    sel = make_module(device)
+    plain = SelectiveSelfAttention(64, 4, 2, selective=False).to(device, torch.float64)
+    plain.load_state_dict(sel.state_dict())
+    assert (sel(x) - plain(x)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="selective=True"):
         m(x, SelectiveKVCache(2, 2, 16, budget=4, dtype=torch.float64, device=device))
 

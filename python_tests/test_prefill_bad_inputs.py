@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import selattn_ext
+from selattn_ext import reference
+
+from prefill_cases import skip_if_unsupported
 
 B, HQ, HKV, N, D = 2, 4, 2, 5, 8
 
@@ -100,8 +103,50 @@ def test_attention_rejects_bad_input(fn, exc, match, device):
         fn(device)
 
 
-def test_there_are_at_least_20_bad_input_cases():
-    assert len(BAD_ATTENTION_CALLS) >= 20
+def _f64(*shape, device, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64).to(device)
+
+
+# Valid calls right next to the rejected ones above (the last valid sel_head, head_dim 256,
+# D = 1, N = 1, MQA, tiny and large scales, strided non-last dims): the checks must not reject
+# them, and they must compute the right thing. (id, kwargs of `_boundary_call`)
+GOOD_BOUNDARY_CALLS = [
+    ("sel_head-last", dict(sel_head=HQ - 1)),
+    ("sel_head-most-negative", dict(sel_head=-HQ)),
+    ("explicit-selection", dict(explicit=True)),
+    ("head_dim-256", dict(d=256)),
+    ("head_dim-1", dict(d=1)),
+    ("seqlen-1", dict(n=1)),
+    ("mqa", dict(hkv=1)),
+    ("mha", dict(hkv=HQ)),
+    ("scale-tiny", dict(scale=1e-6)),
+    ("scale-large", dict(scale=50.0)),
+    ("bnhd-views", dict(bnhd=True)),
+]
+
+
+def _boundary_call(device, *, sel_head=0, explicit=False, d=D, n=N, hkv=HKV, scale=None,
+                   bnhd=False):
+    if bnhd:
+        q, k, v = (_f64(B, n, h, d, device=device, seed=i).transpose(1, 2)
+                   for i, h in enumerate((HQ, hkv, hkv)))
+    else:
+        q, k, v = (_f64(B, h, n, d, device=device, seed=i) for i, h in enumerate((HQ, hkv, hkv)))
+    sel_kw = {}
+    if explicit:
+        sel_kw = dict(q_sel=_f64(B, n, d, device=device, seed=5),
+                      k_sel=_f64(B, n, d, device=device, seed=6))
+    kw = dict(scale=scale, sel_head=sel_head, return_lse=True, **sel_kw)
+    return selattn_ext.attention(q, k, v, **kw), reference.attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param(c[1], id=c[0]) for c in GOOD_BOUNDARY_CALLS])
+def test_valid_input_at_the_boundaries_is_accepted(kwargs, device):
+    skip_if_unsupported(device, torch.float64, kwargs.get("d", D))
+    (out, lse), (want_out, want_lse) = _boundary_call(device, **kwargs)
+    torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-9, atol=1e-9)
 
 
 def _bwd_args(device):
