@@ -52,7 +52,9 @@ class StderrCounter:
     """Counts sanitizer reports written to fd 2 while a case runs."""
 
     def __init__(self):
-        self.file = tempfile.TemporaryFile(mode="w+b")
+        # A named file, so a sanitizer that kills the process leaves its last words readable.
+        self.path = os.path.join(tempfile.gettempdir(), f"selattn_run_all_stderr_{os.getpid()}.log")
+        self.file = open(self.path, "w+b")
         self.saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)
         self.offset = 0
@@ -66,7 +68,49 @@ class StderrCounter:
         return count, text
 
     def close(self):
+        # Whatever came after the last case (a sanitizer dying, say) is shown, not swallowed.
+        _, rest = self.take()
         os.dup2(self.saved, 2)
+        if rest.strip():
+            sys.stderr.write(rest[-5000:])
+
+
+def write_markdown(json_path: str) -> str:
+    """A table per kernel family next to the JSON: cases, worst err/tol, sanitizer reports."""
+    data = json.load(open(json_path))
+    summ, recs = data["summary"], data["records"]
+    rows = {}
+    for r in recs:
+        key = (r["kernel"], r.get("dtype", "-"))
+        row = rows.setdefault(key, dict(n=0, failed=0, worst=0.0, san=0))
+        row["n"] += 1
+        row["failed"] += not r["passed"]
+        if r.get("max_err") is not None and r.get("tol"):
+            row["worst"] = max(row["worst"], r["max_err"] / r["tol"])
+        row["san"] += r.get("sanitizer_reports", 0) or 0
+    lines = [f"# CUDA kernels on the CPU execution target ({summ.get('sanitizer', 'none')})", "",
+             f"commit {summ.get('commit', '?')}, {summ.get('date', '?')}, {summ.get('machine', '?')}; "
+             f"{summ['cases']} records, {summ['failed']} failed, "
+             f"{summ['sanitizer_reports']} sanitizer reports, {summ['seconds']} s. Each record is "
+             "one output of one case against the fp64 reference (tolerance: FlashAttention's "
+             "rule, DESIGN §7); `python tools/cuda_emulation/run_all.py`.", "",
+             "| kernel | dtype | records | failed | worst err/tol | sanitizer reports |",
+             "|---|---|---|---|---|---|"]
+    for (kernel, dtype), row in sorted(rows.items()):
+        lines.append(f"| {kernel} | {dtype} | {row['n']} | {row['failed']} | {row['worst']:.3f} | "
+                     f"{row['san']} |")
+    extra = [r for r in recs if r["kernel"] in ("planted_defect", "race_checker_self_test")]
+    if extra:
+        lines += ["", "| check | result |", "|---|---|"]
+        for r in extra:
+            what = r.get("defect") or r["kernel"]
+            how = r.get("caught_by") or (f"{r.get('reports_with_barrier')} report(s) with the "
+                                         f"barrier, {r.get('reports_without')} without")
+            lines.append(f"| {what} | {'caught' if r['passed'] else 'NOT CAUGHT'}: {how} |")
+    md = os.path.splitext(json_path)[0] + ".md"
+    with open(md, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return md
 
 
 def _machine() -> str:
@@ -190,6 +234,7 @@ def main() -> int:
     with open(args.json, "w") as fh:
         json.dump(dict(summary=summary, records=records), fh, indent=1, default=str)
     print(json.dumps(summary))
+    print("wrote", write_markdown(args.json))
     return 1 if summary["failed"] else 0
 
 

@@ -371,13 +371,16 @@ void* initial_stack(char* stack) {
 }
 #endif
 
-// Resources of the blocks of one launch. Freed per block normally; under TSan only at the end
-// of the launch, after acquiring every thread's exit: freeing (or reusing) them earlier would
-// order the next block after this one and hide races between blocks.
+// Resources of the blocks of one launch. Stacks and TSan fibers go back after every block
+// (unmapping a stack and destroying a fiber order nothing, and keeping a launch's worth alive
+// exhausts the process's memory maps under TSan). Shared-memory allocations are freed after
+// every block normally, but under TSan only at the end of the launch, after acquiring every
+// thread's exit: a free is a write, and ordering it would order the next block after this one
+// and hide races between blocks.
 struct LaunchResources {
   std::vector<char*> stacks, allocations;
   std::vector<void*> tsan_fibers;
-  void release(bool reuse_stacks) {
+  void release_block(bool reuse_stacks) {
     for (char* s : stacks) {
 #ifndef SELATTN_EMU_TSAN
       if (reuse_stacks) {
@@ -388,11 +391,16 @@ struct LaunchResources {
       (void)reuse_stacks;
       munmap(s, kStackBytes);
     }
-    for (char* a : allocations) std::free(a);
 #ifdef SELATTN_EMU_TSAN
     for (void* f : tsan_fibers) __tsan_destroy_fiber(f);
+#else
+    release_allocations();
 #endif
-    stacks.clear(), allocations.clear(), tsan_fibers.clear();
+    stacks.clear(), tsan_fibers.clear();
+  }
+  void release_allocations() {
+    for (char* a : allocations) std::free(a);
+    allocations.clear();
   }
 };
 
@@ -679,13 +687,11 @@ int launch_grid(const void* func, dim3 grid, dim3 block_dim, size_t dynamic_smem
         b.idx = dim3(x, y, z);
         ok = run_block(b, res, dynamic_smem);
         ++blocks;
-#ifndef SELATTN_EMU_TSAN
-        res.release(ok);
-#endif
+        res.release_block(ok);
       }
   g_block = outer;
   tsan_acquire(&exit_sync);  // the host sees everything the grid wrote
-  res.release(ok);
+  res.release_allocations();
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_stats.blocks += blocks;
