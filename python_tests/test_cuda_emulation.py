@@ -158,6 +158,27 @@ def test_decode_kernels_match_the_reference(emu, case):
     assert records[0]["passed"], records
 
 
+def test_decode_eviction_ties_go_to_the_oldest(emu):
+    # Selection logits all negative: F stays 0, so every budget eviction is a tie, which must go
+    # to the oldest position other than BOS. (The random schedules above almost never tie.)
+    B, Hkv, D, budget, n = 1, 1, 32, 4, 12
+    g = torch.Generator().manual_seed(0)
+    k = torch.ones(B, Hkv, n, D)
+    q = -torch.rand(B, 2, n, D, generator=g) - 0.5
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    kc = torch.zeros(B, Hkv, budget + 1, D)
+    vc = torch.zeros_like(kc)
+    f = torch.zeros(B, budget + 1)
+    pos = torch.full((B, budget + 1), -1, dtype=torch.int64)
+    seq = torch.zeros(B, dtype=torch.int64)
+    for t in range(n):
+        emu.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kc, vc, f, pos,
+                        seq, None, D ** -0.5, 0, budget, None)
+        kept = sorted(p for p in pos[0].tolist() if p >= 0)
+        assert kept == [0] + list(range(max(1, t - budget + 2), t + 1)), (t, kept)
+    assert bool((f == 0).all())
+
+
 def test_tensor_core_path_refuses_what_it_cannot_run(emu):
     q = torch.randn(1, 1, 40, 64, dtype=torch.float32)
     with pytest.raises(ValueError, match="dtype"):

@@ -427,6 +427,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"  -> {o.status.upper()} in {o.seconds:.0f} s (build {o.build_seconds:.0f} s): "
             f"{o.detail}")
 
+    if scratch.stale:
+        # Leave the scratch build matching its (restored) sources: a test run there by hand
+        # would otherwise load the last mutated extension.
+        log("rebuilding the scratch copy from the unmutated sources")
+        if scratch.build().returncode != 0:
+            log("warning: the restored scratch copy did not rebuild")
+
     order = {m.id: i for i, m in enumerate(load_mutations(args.mutations))}
     outcomes.sort(key=lambda o: order[o.id])
     commit = git_commit(ROOT)
