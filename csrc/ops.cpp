@@ -84,6 +84,31 @@ void check_cpu_kernels_runnable(const Tensor& q) {
   TORCH_CHECK(false, "selattn: this build of selattn_ext has no CUDA kernels (built CPU only)");
 }
 
+// The layout-independent halves of the prefill checks, shared by the dense and varlen ops:
+// one floating dtype and device for all inputs ...
+void check_dtypes_like_q(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_sel,
+                         const Tensor& k_sel) {
+  check_floating("q", q);
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
+    check_floating(name, t);
+    check_like_q(name, t, q);
+  }
+}
+
+// ... and (after the shapes) contiguous head dims, a usable scale and a supported head dim.
+void check_layout_scale_head_dim(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& q_sel, const Tensor& k_sel, double scale,
+                                 int64_t D) {
+  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"q_sel", q_sel}, {"k_sel", k_sel}})
+    check_last_dim_contiguous(name, t);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
+                    " number, got ", scale);
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
+                    D);
+}
+
 // Checks shared by the forward and the backward. Returns (B, Hq, Hkv, N, D).
 std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const Tensor& q_sel, const Tensor& k_sel,
@@ -97,24 +122,13 @@ std::array<int64_t, 5> check_prefill_inputs(const Tensor& q, const Tensor& k, co
                     "-D");
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1);
-  check_floating("q", q);
-  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
-                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
-    check_floating(name, t);
-    check_like_q(name, t, q);
-  }
+  check_dtypes_like_q(q, k, v, q_sel, k_sel);
   check_heads(Hq, Hkv);
   check_shape("k", k, {B, Hkv, N, D}, "(B, Hkv, N, D)");
   check_shape("v", v, {B, Hkv, N, D}, "(B, Hkv, N, D)");
   check_shape("q_sel", q_sel, {B, N, D}, "(B, N, D)");
   check_shape("k_sel", k_sel, {B, N, D}, "(B, N, D)");
-  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
-                         {"q_sel", q_sel}, {"k_sel", k_sel}})
-    check_last_dim_contiguous(name, t);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
-                    " number, got ", scale);
-  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
-                    D);
+  check_layout_scale_head_dim(q, k, v, q_sel, k_sel, scale, D);
   if (q.is_cuda()) {
 #ifdef SELATTN_WITH_CUDA
     TORCH_CHECK_VALUE(cuda::prefill_supported(to_dtype(q.scalar_type()), D),
@@ -513,24 +527,13 @@ std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const
   TORCH_CHECK_VALUE(k_sel.dim() == 2, "selattn: k_sel must be 2-D (total, D), got ", k_sel.dim(),
                     "-D");
   const int64_t total = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
-  check_floating("q", q);
-  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v},
-                         {"q_sel", q_sel}, {"k_sel", k_sel}}) {
-    check_floating(name, t);
-    check_like_q(name, t, q);
-  }
+  check_dtypes_like_q(q, k, v, q_sel, k_sel);
   check_heads(Hq, Hkv);
   check_shape("k", k, {total, Hkv, D}, "(total, Hkv, D)");
   check_shape("v", v, {total, Hkv, D}, "(total, Hkv, D)");
   check_shape("q_sel", q_sel, {total, D}, "(total, D)");
   check_shape("k_sel", k_sel, {total, D}, "(total, D)");
-  for (auto [name, t] : {std::pair<const char*, const Tensor&>{"q", q}, {"k", k}, {"v", v},
-                         {"q_sel", q_sel}, {"k_sel", k_sel}})
-    check_last_dim_contiguous(name, t);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "selattn: scale must be a positive finite",
-                    " number, got ", scale);
-  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "selattn: head_dim (q.size(-1)) must be in [1, 256], got ",
-                    D);
+  check_layout_scale_head_dim(q, k, v, q_sel, k_sel, scale, D);
   check_cpu_kernels_runnable(q);
   return check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
 }
