@@ -75,6 +75,15 @@ struct PrefillParams {
   double mem_tau;
   void* mem;
   const void* dmem;
+
+  // Packed ragged batches (varlen, DESIGN §1.1; CUDA only: the CPU path runs one dense call
+  // per sequence and leaves these zero). cu_seqlens == nullptr: dense. Otherwise a device
+  // int32 array (batch + 1,): sequence b is rows [cu_seqlens[b], cu_seqlens[b + 1]) of the
+  // packed tensors; seqlen is an upper bound of the lengths (grids and the pre-pass workspace
+  // are sized by it); every batch stride is 0 and the row strides step through the packed
+  // rows; lse and dlse are (Hq, total_rows) and mem and dmem (total_rows,), contiguous.
+  const int32_t* cu_seqlens;
+  int64_t total_rows;
 };
 
 inline size_t dtype_size(DType t) {

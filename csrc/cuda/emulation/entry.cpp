@@ -132,8 +132,10 @@ extern "C" {
 // ints: dtype, B, Hq, Hkv, N, D, then strides (batch, head, row) of q k v out dout dq dk dv
 // and (batch, row) of q_sel k_sel dq_sel dk_sel. reals: scale, mem_tau (0: none).
 // ptrs: q k v q_sel k_sel out lse mem dout dlse dmem dq dk dv dq_sel dk_sel (null when unused).
-int selattn_emu_prefill(int backward, const int64_t* ints, const double* reals, void* const* ptrs) {
+static int emu_prefill(int backward, const int64_t* ints, const double* reals,
+                       void* const* ptrs, const int32_t* cu_seqlens, int64_t total_rows) {
   selattn::PrefillParams p{};
+  p.cu_seqlens = cu_seqlens, p.total_rows = total_rows;
   int i = 0;
   p.dtype = static_cast<DType>(ints[i++]);
   p.batch = ints[i++], p.heads_q = ints[i++], p.heads_kv = ints[i++];
@@ -164,6 +166,17 @@ int selattn_emu_prefill(int backward, const int64_t* ints, const double* reals, 
   Poisoned ws(bytes);
   p.workspace = ws.ptr, p.workspace_bytes = bytes;
   return backward ? selattn::cuda::prefill_bwd(p, nullptr) : selattn::cuda::prefill_fwd(p, nullptr);
+}
+
+int selattn_emu_prefill(int backward, const int64_t* ints, const double* reals, void* const* ptrs) {
+  return emu_prefill(backward, ints, reals, ptrs, nullptr, 0);
+}
+
+// Varlen (PrefillParams::cu_seqlens): the same arguments with B = the number of sequences,
+// N = max_seqlen and batch strides 0, plus the (B + 1,) offsets and the packed row count.
+int selattn_emu_prefill_varlen(int backward, const int64_t* ints, const double* reals,
+                               void* const* ptrs, const int32_t* cu_seqlens, int64_t total_rows) {
+  return emu_prefill(backward, ints, reals, ptrs, cu_seqlens, total_rows);
 }
 
 size_t selattn_emu_prefill_workspace_bytes(int backward, int64_t batch, int64_t heads_q,

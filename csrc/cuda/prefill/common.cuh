@@ -40,6 +40,29 @@ inline int head_dim_chunks(int64_t head_dim) {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The rows of batch element b (PrefillParams::cu_seqlens): dense, rows [0, seqlen) of batch b;
+// varlen, rows [start, start + n) of the packed tensors. Kernels add b * batch_stride +
+// start * row_stride to every strided base pointer (one of the two terms is 0) and use n, not
+// seqlen, in every tail guard; seqlen only sizes grids and the pre-pass workspace.
+struct SeqRows {
+  int64_t start, n;
+};
+
+__device__ __forceinline__ SeqRows seq_rows(const PrefillParams& p, int64_t b) {
+  if (p.cu_seqlens == nullptr) return {0, p.seqlen};
+  const int64_t start = p.cu_seqlens[b];
+  return {start, int64_t(p.cu_seqlens[b + 1]) - start};
+}
+
+// Offset of position 0 of (b, head h) in a contiguous per-position buffer with `heads` values
+// per position: dense (B, heads, seqlen) gives (b * heads + h) * seqlen, varlen
+// (heads, total_rows) gives h * total_rows + start. lse, dlse, mem, dmem (heads = 1) and the
+// backward's workspace accumulators (times head_dim) all use this layout.
+__device__ __forceinline__ int64_t stats_offset(const PrefillParams& p, int64_t b, int64_t h,
+                                                int64_t heads, SeqRows rows) {
+  return p.cu_seqlens == nullptr ? (b * heads + h) * p.seqlen : h * p.total_rows + rows.start;
+}
+
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }

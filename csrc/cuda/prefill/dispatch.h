@@ -39,12 +39,15 @@ inline size_t poff_bytes(const PrefillParams& p) {
 struct BwdLayout {
   size_t poff, dl;                        // Poff; Dl = rowsum(dout*out) - dlse, (B, Hq, N)
   size_t dq, dk, dv, dq_sel, dk_sel;      // contiguous (B,Hq,N,D), (B,Hkv,N,D) x2, (B,N,D) x2
+                                          // (varlen: (Hq, total_rows), (Hq, total_rows, D), ...)
   size_t accum_begin, total;
 };
 
 inline BwdLayout bwd_layout(const PrefillParams& p) {
   const size_t a = accum_bytes(p.dtype);
-  const size_t bn = size_t(p.batch) * size_t(p.seqlen), d = size_t(p.head_dim);
+  // Positions: B * N dense; the packed rows for varlen (the accumulators are (H, total_rows)).
+  const size_t bn = p.cu_seqlens ? size_t(p.total_rows) : size_t(p.batch) * size_t(p.seqlen);
+  const size_t d = size_t(p.head_dim);
   BwdLayout l{};
   size_t off = 0;
   l.poff = off, off += poff_bytes(p);

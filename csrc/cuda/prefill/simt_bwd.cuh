@@ -18,7 +18,12 @@
 //
 // Every gradient is accumulated in fp32 (fp64) workspace buffers with atomics (dq, dq_sel from
 // many key blocks; dk, dv from the heads of a GQA group; dk_sel from every head) and converted
-// into the output tensors by store_accumulated_kernel afterwards. Torch-free.
+// into the output tensors by store_accumulated_kernel afterwards.
+//
+// Varlen (p.cu_seqlens): the main kernels resolve each batch element's rows (seq_rows) and
+// exit in CTAs past its end; the per-row prologue and epilogue kernels need no sequence
+// boundaries and run over the packed rows as one sequence of total_rows (packed_as_one).
+// Torch-free.
 #pragma once
 
 #include "cuda/prefill/prepass.cuh"
@@ -70,32 +75,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   SELATTN_SHARED(s_tile, SmemTile<A>);
   SELATTN_SHARED(p_tile, SmemTile<A>);
   SELATTN_SHARED(dl_tile, SmemTile<A>);
-  const int64_t n = p.seqlen;
   const int head_dim = int(p.head_dim);
-  const int64_t nqb = num_sel_blocks(n);
   const int64_t kb = blockIdx.x;  // small kb = most query blocks: first, for tail balance
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t col0 = kb * kTile;
+  const SeqRows rows = seq_rows(p, b);
+  const int64_t n = rows.n, s0 = rows.start;
+  if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
+  const int64_t nqb = num_sel_blocks(n);  // this sequence's query blocks
+  const int64_t poff_nqb = num_sel_blocks(p.seqlen);  // Poff's layout
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const A scale = A(p.scale);
   const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;
   const A mem_tau = A(p.mem_tau);
-  const A* dmem = add_mem ? static_cast<const A*>(p.dmem) + b * n : nullptr;
+  const A* dmem =
+      add_mem ? static_cast<const A*>(p.dmem) + stats_offset(p, b, 0, 1, rows) : nullptr;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const A* lse = static_cast<const A*>(p.lse) + (b * p.heads_q + h) * n;
-  const A* dl_row = ws.dl + (b * p.heads_q + h) * n;
-  A* dq = ws.dq + (b * p.heads_q + h) * n * head_dim;
-  A* dk = ws.dk + (b * p.heads_kv + hk) * n * head_dim;
-  A* dv = ws.dv + (b * p.heads_kv + hk) * n * head_dim;
-  A* dq_sel = ws.dq_sel + b * n * head_dim;
-  A* dk_sel = ws.dk_sel + b * n * head_dim;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+               s0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+               s0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+               s0 * p.v_row_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
+                   s0 * p.q_sel_row_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
+                   s0 * p.k_sel_row_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
+                  h * p.dout_head_stride + s0 * p.dout_row_stride;
+  const A* lse = static_cast<const A*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
+  const A* dl_row = ws.dl + stats_offset(p, b, h, p.heads_q, rows);
+  A* dq = ws.dq + stats_offset(p, b, h, p.heads_q, rows) * head_dim;
+  A* dk = ws.dk + stats_offset(p, b, hk, p.heads_kv, rows) * head_dim;
+  A* dv = ws.dv + stats_offset(p, b, hk, p.heads_kv, rows) * head_dim;
+  A* dq_sel = ws.dq_sel + stats_offset(p, b, 0, 1, rows) * head_dim;
+  A* dk_sel = ws.dk_sel + stats_offset(p, b, 0, 1, rows) * head_dim;
 
   // Key-side accumulators: thread owns keys col0 + warp + 8u, head-dim columns kc * 32 + lane.
   constexpr int kHeld = kDirect ? 1 : kNumChunks;
@@ -109,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int64_t qb = nqb - 1; qb >= kb; --qb) {
     const int64_t row0 = qb * kTile;
-    const A* poff_block = ws.poff + (b * nqb + qb) * n;
+    const A* poff_block = ws.poff + (b * poff_nqb + qb) * p.seqlen;
 
     // S tile.
     selection_tile<kNumChunks>(s_tile, xs, ys, q_sel, p.q_sel_row_stride, k_sel,
@@ -295,6 +310,16 @@ BwdAccum<A> bwd_accum(const PrefillParams& p) {
   return ws;
 }
 
+// Varlen: the packed rows as one dense sequence of total_rows rows (batch 1; the batch
+// strides are already 0), for the prologue and epilogue kernels, which work row by row: the
+// (B, H, N) layout of batch 1 is the (H, total_rows) layout of lse and the accumulators.
+inline PrefillParams packed_as_one(const PrefillParams& p) {
+  if (p.cu_seqlens == nullptr) return p;
+  PrefillParams one = p;
+  one.batch = 1, one.seqlen = p.total_rows, one.cu_seqlens = nullptr;
+  return one;
+}
+
 // Before the main backward kernel (SIMT or tensor-core): zero the accumulators, Poff, Dl.
 template <typename T, int kNumChunks>
 cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
@@ -308,16 +333,18 @@ cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
   err = launch_selection_prepass<T, kNumChunks>(p, reinterpret_cast<A*>(base + layout.poff),
                                                 stream);
   if (err != cudaSuccess) return err;
-  const int64_t rows = p.batch * p.heads_q * p.seqlen;
+  const PrefillParams flat = packed_as_one(p);
+  const int64_t rows = flat.batch * flat.heads_q * flat.seqlen;
   return launch_kernel(softmax_grad_rowsum_kernel<T>, dim3(unsigned(ceil_div(rows, kWarps))),
-                       dim3(kThreads), 0, stream, p, reinterpret_cast<A*>(base + layout.dl));
+                       dim3(kThreads), 0, stream, flat, reinterpret_cast<A*>(base + layout.dl));
 }
 
 // After the main backward kernel: accumulators -> the strided output tensors.
 template <typename T>
 cudaError_t bwd_epilogue(const PrefillParams& p, cudaStream_t stream) {
   const BwdAccum<acc_t<T>> ws = bwd_accum<acc_t<T>>(p);
-  const int64_t B = p.batch, N = p.seqlen, D = p.head_dim;
+  const PrefillParams flat = packed_as_one(p);
+  const int64_t B = flat.batch, N = flat.seqlen, D = p.head_dim;
   cudaError_t err;
   if ((err = launch_store<T>(ws.dq, p.dq, B, p.heads_q, N, D, p.dq_batch_stride, p.dq_head_stride,
                              p.dq_row_stride, stream)) != cudaSuccess)

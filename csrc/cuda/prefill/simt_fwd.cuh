@@ -8,6 +8,7 @@
 // With p.mem set (the auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over the
 // keys j <= i of each row from the same F tiles, and write mem[b][i] once: each (b, i) has
 // exactly one head-0 CTA, so there are no atomics and the other heads pay nothing.
+// Varlen (p.cu_seqlens): CTAs whose query block starts past their sequence's end exit at once.
 // Torch-free.
 #pragma once
 
@@ -23,13 +24,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   SELATTN_SHARED(ys, SmemTile<A>);
   SELATTN_SHARED(s_tile, SmemTile<A>);
   SELATTN_SHARED(f_tile, SmemTile<A>);
-  const int64_t n = p.seqlen;
   const int head_dim = int(p.head_dim);
-  const int64_t nqb = num_sel_blocks(n);
+  const int64_t nqb = num_sel_blocks(p.seqlen);
   const int64_t qb = nqb - 1 - blockIdx.x;  // the longest rows first: better tail balance
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * kTile;
+  const SeqRows rows = seq_rows(p, b);
+  const int64_t n = rows.n;
+  if (row0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t last_row = row0 + kTile - 1 < n - 1 ? row0 + kTile - 1 : n - 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const A scale = A(p.scale);
@@ -37,12 +40,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;
   const A mem_tau = A(p.mem_tau);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
-  const A* poff_block = poff + (b * nqb + qb) * n;
+  const int64_t s0 = rows.start;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+               s0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+               s0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+               s0 * p.v_row_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
+                   s0 * p.q_sel_row_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
+                   s0 * p.k_sel_row_stride;
+  const A* poff_block = poff + (b * nqb + qb) * p.seqlen;
 
   // Thread owns output rows r_u = warp + 8u and head-dim columns kc * 32 + lane.
   A o[kRowsPerThread][kNumChunks];
@@ -114,10 +123,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  A* lse = static_cast<A*>(p.lse) + (b * p.heads_q + h) * n;
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+           s0 * p.out_row_stride;
+  A* lse = static_cast<A*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
   if (sum_mem) {
-    A* mem = static_cast<A*>(p.mem) + b * n;
+    A* mem = static_cast<A*>(p.mem) + stats_offset(p, b, 0, 1, rows);
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
       const A row_sum = warp_sum(mem_part[u]);  // before the row test: all 32 lanes take part

@@ -20,6 +20,7 @@
 // Memory loss (p.dmem): in head-0 CTAs only (once per batch element), the suffix sum behind dA
 // also takes -dmem[i] * [F[i][j] < mem_tau] for j <= i (dF's extra term), from a bit mask of
 // the F tests taken while F^T is still live; dK and dQ use plain dL.
+// Varlen (p.cu_seqlens): CTAs whose key block starts past their sequence's end exit at once.
 #pragma once
 
 #include "cuda/arch.cuh"
@@ -171,33 +172,42 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   float* s_dk = s_dks + kBN * kAccStride;  // dK accumulator (only when Cfg::kDkInSmem)
   constexpr bool kDkInSmem = Cfg::kDkInSmem;
 
-  const int64_t n = p.seqlen;
-  const int64_t nqb = ceil_div(n, kBM);
   const int64_t kb = blockIdx.x;  // small kb = most query blocks: first, for tail balance
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t col0 = kb * kBN;
+  const SeqRows rows = seq_rows(p, b);
+  const int64_t n = rows.n, s0 = rows.start;
+  if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
+  const int64_t nqb = ceil_div(n, kBM);  // this sequence's query blocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
   const int64_t key_lo = col0 + warp * 16 + g, key_hi = key_lo + 8;  // this thread's two keys
   const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;  // uniform per CTA
   const float mem_tau = float(p.mem_tau);
-  const float* dmem = add_mem ? static_cast<const float*>(p.dmem) + b * n : nullptr;
+  const float* dmem =
+      add_mem ? static_cast<const float*>(p.dmem) + stats_offset(p, b, 0, 1, rows) : nullptr;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const float* lse = static_cast<const float*>(p.lse) + (b * p.heads_q + h) * n;
-  const float* dl_row = ws.dl + (b * p.heads_q + h) * n;
-  float* dq = ws.dq + (b * p.heads_q + h) * n * kD;
-  float* dk = ws.dk + (b * p.heads_kv + hk) * n * kD;
-  float* dv = ws.dv + (b * p.heads_kv + hk) * n * kD;
-  float* dq_sel = ws.dq_sel + b * n * kD;
-  float* dk_sel = ws.dk_sel + b * n * kD;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+               s0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+               s0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+               s0 * p.v_row_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
+                   s0 * p.q_sel_row_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
+                   s0 * p.k_sel_row_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
+                  h * p.dout_head_stride + s0 * p.dout_row_stride;
+  const float* lse = static_cast<const float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
+  const float* dl_row = ws.dl + stats_offset(p, b, h, p.heads_q, rows);
+  float* dq = ws.dq + stats_offset(p, b, h, p.heads_q, rows) * kD;
+  float* dk = ws.dk + stats_offset(p, b, hk, p.heads_kv, rows) * kD;
+  float* dv = ws.dv + stats_offset(p, b, hk, p.heads_kv, rows) * kD;
+  float* dq_sel = ws.dq_sel + stats_offset(p, b, 0, 1, rows) * kD;
+  float* dk_sel = ws.dk_sel + stats_offset(p, b, 0, 1, rows) * kD;
 
   tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
   tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
@@ -230,7 +240,8 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
     }
     __syncthreads();
     // Poff is kept per 32-row block; this 64-row block starts at block row0 / 32.
-    const float* poff_block = ws.poff + (b * num_sel_blocks(n) + row0 / kSelBlockRows) * n;
+    const float* poff_block =
+        ws.poff + (b * num_sel_blocks(p.seqlen) + row0 / kSelBlockRows) * p.seqlen;
 
     // S^T and F^T. Fragment element c of n-tile nt: key (c < 2 ? key_lo : key_hi), query row
     // row0 + nt*8 + 2t + (c & 1).

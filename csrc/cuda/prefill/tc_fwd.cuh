@@ -13,6 +13,7 @@
 // row's keys j <= i from the F fragments of step 2 and write mem[b][i] once at the end (one
 // head-0 CTA per row: no atomics).
 // The launcher only picks this path when every row is 16-byte aligned (see tc_fwd_eligible).
+// Varlen (p.cu_seqlens): CTAs whose query block starts past their sequence's end exit at once.
 #pragma once
 
 #include "cuda/arch.cuh"
@@ -88,12 +89,14 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
   T* s_v = s_ksel + kBN * kStride;
   float* s_warp_tot = reinterpret_cast<float*>(s_v + kBN * kStride);  // [kWarps][kBN]
 
-  const int64_t n = p.seqlen;
-  const int64_t nqb = ceil_div(n, kBM);
+  const int64_t nqb = ceil_div(p.seqlen, kBM);
   const int64_t qb = nqb - 1 - blockIdx.x;  // longest rows first
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * kBM;
+  const SeqRows rows = seq_rows(p, b);
+  const int64_t n = rows.n, s0 = rows.start;
+  if (row0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t last_row = row0 + kBM - 1 < n - 1 ? row0 + kBM - 1 : n - 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -102,13 +105,19 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
   const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;  // uniform per CTA
   const float mem_tau = float(p.mem_tau);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+               s0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+               s0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+               s0 * p.v_row_stride;
+  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
+                   s0 * p.q_sel_row_stride;
+  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
+                   s0 * p.k_sel_row_stride;
   // Poff is kept per 32-row block; the 64-row block starting at row0 is block row0 / 32.
-  const float* poff_block = poff + (b * num_sel_blocks(n) + row0 / kSelBlockRows) * n;
+  const float* poff_block =
+      poff + (b * num_sel_blocks(p.seqlen) + row0 / kSelBlockRows) * p.seqlen;
 
   tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
   tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
@@ -250,10 +259,11 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
     }
   }
 
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + h) * n;
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
+           s0 * p.out_row_stride;
+  float* lse = static_cast<float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
   if (sum_mem) {
-    float* mem = static_cast<float*>(p.mem) + b * n;
+    float* mem = static_cast<float*>(p.mem) + stats_offset(p, b, 0, 1, rows);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       // The four lanes t of a row group hold the row's keys; all 32 lanes shuffle.
