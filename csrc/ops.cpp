@@ -468,8 +468,10 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
 
 // ============================================================================================
 // prefill_varlen: packed ragged batches (DESIGN §1.1). q (total, Hq, D), k/v (total, Hkv, D),
-// q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). Each sequence is an independent prefill, so
-// the CPU path runs the dense kernels once per sequence, their params pointing at the
+// q_sel/k_sel (total, D), cu_seqlens int32 (B+1,). CUDA: one launch of the dense kernels in
+// their varlen mode (PrefillParams::cu_seqlens; grids sized by the longest sequence, CTAs past
+// a sequence's end exit), writing lse (Hq, total) directly. Each sequence is an independent
+// prefill, so the CPU path runs the dense kernels once per sequence, their params pointing at the
 // sequence's rows of the packed tensors (a strided (1, H, n, D) sequence): no copy of q/k/v/
 // out, no N x N. Long sequences run one after another, each spread over the threads; short
 // ones run one per thread (run_sequences). lse is (Hq, total) as in FlashAttention's
@@ -478,7 +480,10 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
 // ============================================================================================
 namespace {
 
-// Validates cu_seqlens (read once, on the host) and returns it as host int64 offsets.
+// Validates cu_seqlens (read once, on the host) and returns it as host int64 offsets. On CUDA
+// that is one small device-to-host copy (B + 1 ints) that waits for the stream, per call:
+// acceptable for a prefill, and it buys clear errors for bad offsets (a kernel would read out
+// of bounds) and the grid size from the real longest sequence.
 std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seqlen,
                                       int64_t total, const Tensor& q) {
   TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt,
@@ -490,7 +495,7 @@ std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seql
                     "selattn: cu_seqlens must be 1-D (B + 1,) with at least one entry, got shape ",
                     cu_seqlens.sizes());
   TORCH_CHECK_VALUE(max_seqlen >= 0, "selattn: max_seqlen must be >= 0, got ", max_seqlen);
-  const Tensor cu = cu_seqlens.contiguous();
+  const Tensor cu = cu_seqlens.to(at::kCPU).contiguous();
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0);
   TORCH_CHECK_VALUE(c[0] == 0, "selattn: cu_seqlens must start at 0, got cu_seqlens[0] = ", c[0]);
@@ -510,15 +515,18 @@ std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seql
   return offsets;
 }
 
-// Checks shared by the varlen forward and backward; returns the host offsets. CUDA has no
-// varlen kernels yet: say so instead of letting the dispatcher report a missing backend.
+[[maybe_unused]] int64_t longest_sequence(const std::vector<int64_t>& offsets) {
+  int64_t longest = 0;
+  for (size_t b = 1; b < offsets.size(); ++b)
+    longest = std::max(longest, offsets[b] - offsets[b - 1]);
+  return longest;
+}
+
+// Checks shared by the varlen forward and backward; returns the host offsets.
 std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& q_sel, const Tensor& k_sel,
                                          const Tensor& cu_seqlens, int64_t max_seqlen,
                                          double scale) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !q.is_cuda(), "selattn: attention_varlen has no CUDA kernels yet (CPU only); on the GPU ",
-      "pad the sequences into a dense batch, or call selattn_ext.attention once per sequence");
   TORCH_CHECK_VALUE(q.dim() == 3, "selattn: q must be 3-D (total, Hq, D), got ", q.dim(), "-D");
   TORCH_CHECK_VALUE(k.dim() == 3, "selattn: k must be 3-D (total, Hkv, D), got ", k.dim(), "-D");
   TORCH_CHECK_VALUE(v.dim() == 3, "selattn: v must be 3-D (total, Hkv, D), got ", v.dim(), "-D");
@@ -534,9 +542,41 @@ std::vector<int64_t> check_varlen_inputs(const Tensor& q, const Tensor& k, const
   check_shape("q_sel", q_sel, {total, D}, "(total, D)");
   check_shape("k_sel", k_sel, {total, D}, "(total, D)");
   check_layout_scale_head_dim(q, k, v, q_sel, k_sel, scale, D);
-  check_cpu_kernels_runnable(q);
-  return check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
+  if (!q.is_cuda()) check_cpu_kernels_runnable(q);
+  auto offsets = check_cu_seqlens(cu_seqlens, max_seqlen, total, q);
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    const int64_t longest = longest_sequence(offsets);
+    const int64_t B = static_cast<int64_t>(offsets.size()) - 1;
+    TORCH_CHECK_VALUE(cuda::prefill_supported(to_dtype(q.scalar_type()), D),
+                      "selattn: no CUDA kernel for head_dim ", D, " with dtype ",
+                      q.scalar_type(), "");
+    TORCH_CHECK_VALUE(cuda::prefill_grid_fits(B, Hq, longest),
+                      "selattn: CUDA attention_varlen supports up to 65535 sequences and heads "
+                      "and sequences up to ", cuda::prefill_max_seqlen(), " tokens, got ", B,
+                      " sequences, Hq = ", Hq, ", longest = ", longest);
+#else
+    fail_no_cuda_build();
+#endif
+  }
+  return offsets;
 }
+
+#ifdef SELATTN_WITH_CUDA
+// The CUDA kernels' varlen mode (PrefillParams::cu_seqlens): `base` describes the packed
+// tensors as one (1, H, total, D) sequence; this makes it B sequences of the longest length,
+// with every batch stride 0 so only the per-sequence row offsets move the pointers.
+void set_varlen(PrefillParams& p, const std::vector<int64_t>& offsets, const Tensor& cu_dev) {
+  p.total_rows = p.seqlen;
+  p.batch = static_cast<int64_t>(offsets.size()) - 1;
+  p.seqlen = longest_sequence(offsets);  // max_seqlen may be larger: size by the real one
+  p.cu_seqlens = cu_dev.data_ptr<int32_t>();
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.out_batch_stride = 0;
+  p.q_sel_batch_stride = p.k_sel_batch_stride = p.dout_batch_stride = 0;
+  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+  p.dq_sel_batch_stride = p.dk_sel_batch_stride = 0;
+}
+#endif
 
 // Sequences up to this length fit in one or two query tiles, too little work to spread one
 // over the threads: they run one per thread instead (see run_sequences).
@@ -629,6 +669,20 @@ std::tuple<Tensor, Tensor, Tensor> prefill_varlen_fwd(const Tensor& q, const Ten
   Tensor lse = at::empty({Hq, total}, stats);
   Tensor mem = mem_tau.has_value() ? at::empty({total}, stats) : at::empty({0}, stats);
   if (out.numel() == 0) return {out, lse, mem};
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    const Tensor cu_dev = cu_seqlens.contiguous();
+    PrefillParams p = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                  as_seq3(k_sel), as_seq4(out), lse, scale);
+    if (mem_tau.has_value()) p.mem_tau = *mem_tau, p.mem = mem.data_ptr();
+    set_varlen(p, offsets, cu_dev);
+    c10::cuda::CUDAGuard guard(q.device());
+    Tensor ws = cuda_workspace(p, cuda::prefill_fwd_workspace_bytes(p), q);
+    check_launch(cuda::prefill_fwd(p, c10::cuda::getCurrentCUDAStream().stream()),
+                 "prefill_varlen_fwd");
+#endif
+    return {out, lse, mem};
+  }
   // The kernels write lse as (1, Hq, n)-contiguous: sequence b's block of this scratch is
   // [Hq * cu[b], Hq * cu[b + 1]), copied into lse's (Hq, total) rows after its kernel.
   Tensor lse_packed = at::empty({Hq * total}, stats);
@@ -683,11 +737,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefill_varlen_bwd(
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dq_sel = at::empty_like(q_sel), dk_sel = at::empty_like(k_sel);
   if (dq.numel() == 0) return {dq, dk, dv, dq_sel, dk_sel};
-  // The kernels read lse / dlse as (1, Hq, n)-contiguous: per-sequence blocks of a scratch,
-  // filled from the (Hq, total) rows by each job (O(Hq * n) copies).
   const auto stats = q.options().dtype(sdt);
   Tensor lse_c = lse.contiguous();
   Tensor dlse_c = has_dlse ? dlse->contiguous() : Tensor();
+  if (q.is_cuda()) {
+#ifdef SELATTN_WITH_CUDA
+    // The kernels read lse / dlse as (Hq, total) and dmem as (total,) directly.
+    const Tensor cu_dev = cu_seqlens.contiguous();
+    PrefillParams p = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
+                                  as_seq3(k_sel), as_seq4(out), lse_c, scale);
+    set4(as_seq4(dout), p.dout, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride);
+    p.dlse = has_dlse ? dlse_c.data_ptr() : nullptr;
+    if (dmem_c.defined()) p.mem_tau = *mem_tau, p.dmem = dmem_c.data_ptr();
+    set4(as_seq4(dq), p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+    set4(as_seq4(dk), p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+    set4(as_seq4(dv), p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+    set3(as_seq3(dq_sel), p.dq_sel, p.dq_sel_batch_stride, p.dq_sel_row_stride);
+    set3(as_seq3(dk_sel), p.dk_sel, p.dk_sel_batch_stride, p.dk_sel_row_stride);
+    set_varlen(p, offsets, cu_dev);
+    c10::cuda::CUDAGuard guard(q.device());
+    Tensor ws = cuda_workspace(p, cuda::prefill_bwd_workspace_bytes(p), q);
+    check_launch(cuda::prefill_bwd(p, c10::cuda::getCurrentCUDAStream().stream()),
+                 "prefill_varlen_bwd");
+#endif
+    return {dq, dk, dv, dq_sel, dk_sel};
+  }
+  // The kernels read lse / dlse as (1, Hq, n)-contiguous: per-sequence blocks of a scratch,
+  // filled from the (Hq, total) rows by each job (O(Hq * n) copies).
   Tensor lse_packed = at::empty({Hq * total}, stats);
   Tensor dlse_packed = has_dlse ? at::empty({Hq * total}, stats) : Tensor();
   PrefillParams base = make_params(as_seq4(q), as_seq4(k), as_seq4(v), as_seq3(q_sel),
@@ -758,8 +834,8 @@ TORCH_LIBRARY_IMPL(selattn, CPU, m) {
   m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);
 }
 
-// Registered in every build (CUDA is a dispatch key of any torch), so a CUDA tensor gets the
-// op's own NotImplementedError, which says what to do instead, not a missing-backend error.
+// Registered in every build (CUDA is a dispatch key of any torch): a CPU-only build then says
+// it was built without CUDA (check_varlen_inputs) instead of reporting a missing backend.
 TORCH_LIBRARY_IMPL(selattn, CUDA, m) {
   m.impl("prefill_varlen_fwd", &prefill_varlen_fwd);
   m.impl("prefill_varlen_bwd", &prefill_varlen_bwd);

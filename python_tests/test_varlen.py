@@ -290,9 +290,9 @@ def test_bad_shapes_and_types():
         selattn_ext.attention_varlen(q, k.double(), v, cu, 4)
 
 
-def test_cuda_is_not_implemented_yet_fake():
-    """The CUDA kernels come later: a CUDA tensor must get a NotImplementedError that says so.
-    Checked here through the fake kernel (what torch.compile sees), without a GPU."""
+def test_fake_cuda_tensors_get_the_varlen_shapes():
+    """What torch.compile sees on the GPU: the fake kernels accept CUDA tensors (the CUDA
+    kernels exist) and give FlashAttention's layouts. Checked without a GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         try:
@@ -301,16 +301,85 @@ def test_cuda_is_not_implemented_yet_fake():
             cu = torch.zeros(3, dtype=torch.int32, device="cuda")
         except (RuntimeError, AssertionError) as e:  # pragma: no cover (no fake CUDA tensors)
             pytest.skip(f"fake CUDA tensors unavailable: {e}")
-        with pytest.raises(NotImplementedError, match="no CUDA kernels yet"):
-            torch.ops.selattn.prefill_varlen_fwd(q, k, k, q[:, 0], k[:, 0], cu, 4, 1.0)
+        out, lse, mem = torch.ops.selattn.prefill_varlen_fwd(q, k, k, q[:, 0], k[:, 0], cu, 4,
+                                                              1.0, 0.5)
+        assert out.shape == (6, 2, 8) and out.device.type == "cuda"
+        assert lse.shape == (2, 6) and mem.shape == (6,)
+        grads = torch.ops.selattn.prefill_varlen_bwd(q, q, k, k, q[:, 0], k[:, 0], cu, 4, out,
+                                                     lse, None, 1.0)
+        assert [g.shape for g in grads] == [q.shape, k.shape, k.shape, (6, 8), (6, 8)]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_is_not_implemented_yet():
+# ---------------------------------------------------------------------------------------------
+# CUDA (pytest -m cuda on a GPU; the same kernels run on the CPU in test_cuda_emulation.py)
+
+def needs_gpu(fn):
+    """The ``cuda`` marker (``pytest -m cuda`` selects the GPU tests) and a skip without one."""
+    return pytest.mark.cuda(
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")(fn))
+
+
+def _cuda_path(monkeypatch, path):
+    """Pins the CUDA launcher's path (read at every call, see csrc/cuda/prefill/launch.cu)."""
+    if path == "simt":
+        monkeypatch.setenv("SELATTN_CUDA_FORCE_SIMT", "1")
+        monkeypatch.delenv("SELATTN_CUDA_TC_BWD", raising=False)
+    else:
+        monkeypatch.delenv("SELATTN_CUDA_FORCE_SIMT", raising=False)
+        monkeypatch.setenv("SELATTN_CUDA_TC_BWD", "1")
+
+
+@pytest.mark.parametrize("lengths", MIXES, ids=lambda l: "-".join(map(str, l)) or "empty")
+@needs_gpu
+def test_cuda_fp64_matches_attention_per_sequence(lengths):
+    check(lengths, device="cuda")
+
+
+@pytest.mark.parametrize("path", ["simt", "tc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda t: str(t)[6:])
+@needs_gpu
+def test_cuda_low_precision_fa_rule(dtype, path, monkeypatch):
+    if path == "tc" and dtype == torch.float32:
+        pytest.skip("the tensor-core kernels take bf16/fp16")
+    _cuda_path(monkeypatch, path)
+    # d = 64: a tensor-core head dim; 300 and 129 span several 64-row tiles.
+    check([300, 0, 129, 1, 37], d=64, dtype=dtype, seed=1, device="cuda")
+    check([70, 3, 0, 90], hq=4, hkv=2, d=64, dtype=dtype, sel_head=3, explicit_sel=True,
+          seed=2, device="cuda")
+
+
+@needs_gpu
+def test_cuda_random_length_mixes():
+    for seed in range(4):
+        rng = random.Random(100 + seed)
+        lengths = [rng.choice([0, 1, 2, rng.randint(3, 64), rng.randint(128, 400)])
+                   for _ in range(rng.randint(1, 8))]
+        check(lengths, hq=4, hkv=2, d=rng.choice([8, 64, 129]), dtype=torch.float64,
+              sel_head=rng.choice([0, -1]), seed=seed, device="cuda")
+
+
+@needs_gpu
+def test_cuda_equals_cpu_and_memory_tau():
+    lengths = [20, 0, 1, 33, 130]
+    leaves = make_packed(lengths, 2, 1, 16, torch.float64, 2)
+    q, k, v, *_ = inputs_of(leaves, 2)
+    cu = cu_of(lengths)
+    res = [selattn_ext.attention_varlen(*(t.to(dev) for t in (q, k, v)), cu.to(dev), 130,
+                                        memory_tau=1.5, return_lse=True)
+           for dev in ("cpu", "cuda")]
+    for a, b in zip(*res):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-10, rtol=1e-10)
+
+
+@needs_gpu
+def test_cuda_bad_cu_seqlens():
     q, k, v = (t.cuda() for t in _qkv())
-    with pytest.raises(NotImplementedError, match="no CUDA kernels yet"):
-        selattn_ext.attention_varlen(q, k, v, cu_of([2, 4], "cuda"), 4)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        selattn_ext.attention_varlen(q, k, v, torch.tensor([0, 4, 2, 6], dtype=torch.int32,
+                                                           device="cuda"), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must be on the device of q"):
+        selattn_ext.attention_varlen(q, k, v, cu_of([2, 4]), 4)
 
 
 # ---------------------------------------------------------------------------------------------

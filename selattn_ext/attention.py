@@ -106,8 +106,9 @@ def attention_varlen(
         memory_tau: also return the memory M (total,) of the auxiliary memory loss, each token
             counted within its own sequence (see :func:`attention`).
 
-    CPU only for now: a CUDA tensor raises ``NotImplementedError``. ``cu_seqlens`` is read on
-    the host once per call.
+    CPU and CUDA (the same SIMT / tensor-core kernels as :func:`attention`, in their varlen
+    mode). ``cu_seqlens`` is read on the host once per call (on CUDA a small device-to-host
+    copy).
 
     Returns:
         ``out`` (total, Hq, D), or ``(out, [lse], [M])`` as in :func:`attention`.

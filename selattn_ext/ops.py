@@ -157,10 +157,6 @@ def prefill_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_sel: Ten
 def _check_varlen_fake(q: Tensor, cu_seqlens: Tensor, **others: Tensor) -> None:
     # What the C++ op would refuse before reading any data, so torch.compile fails the same way.
     _check_same_device(q, cu_seqlens=cu_seqlens, **others)
-    if q.device.type == "cuda":
-        raise NotImplementedError(
-            "selattn: attention_varlen has no CUDA kernels yet (CPU only); on the GPU pad the "
-            "sequences into a dense batch, or call selattn_ext.attention once per sequence")
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"selattn: cu_seqlens must be int32 (as in flash_attn_varlen_func), "
                         f"got {cu_seqlens.dtype}")

@@ -33,8 +33,7 @@ plain causal) raise ``ValueError`` instead of being silently ignored.
 
 Not supported (each raises): assisted generation (the pruned cache cannot be cropped), cache
 offloading, output_attentions, attention dropout, softcapping / sinks / sliding windows.
-The packed and padded no-cache paths run ``attention_varlen``, which has CPU kernels only so
-far (CUDA raises ``NotImplementedError``).
+The packed and padded no-cache paths run ``attention_varlen`` (CPU and CUDA kernels).
 
 Transformers is an optional dependency: importing this module imports it, ``import
 selattn_ext`` does not.
