@@ -3,7 +3,8 @@ tools/cuda_emulation/emulated.py) and checked against the fp64 reference.
 
 Covered here (CI): each inline-PTX wrapper and shuffle against its definition, the fp16/bf16
 conversions bit for bit against torch's, every prefill and decode instantiation once at a
-small shape that crosses the tiles, the runtime's own diagnostics, and one planted defect.
+small shape that crosses the tiles, packed ragged (varlen) batches on both prefill paths, the
+runtime's own diagnostics, and the planted defects.
 The full matrix and the sanitizer builds: `python tools/cuda_emulation/run_all.py`.
 """
 
@@ -150,6 +151,24 @@ def test_prefill_kernels_match_the_reference(emu, case):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("case", cases.ci_varlen_cases(),
+                         ids=[f"{c.path}-{cases.NAMES[c.dtype]}-d{c.head_dim}"
+                              for c in cases.ci_varlen_cases()])
+def test_varlen_kernels_match_the_reference_per_sequence(emu, case):
+    # Packed ragged batches (cu_seqlens): each sequence against the fp64 reference run alone.
+    records = cases.check_varlen(emu, case)
+    bad = [r for r in records if not r["passed"]]
+    assert not bad, bad
+
+
+def test_varlen_without_tokens_launches_nothing(emu):
+    q = torch.zeros(0, 2, 32)
+    k = torch.zeros(0, 1, 32)
+    cu = torch.zeros(3, dtype=torch.int32)
+    out, lse = emu.prefill_varlen_fwd(q, k, k, q[:, 0], k[:, 0], cu, 0, 0.2, path="simt")
+    assert out.shape == (0, 2, 32) and lse.shape == (2, 0)
+
+
 @pytest.mark.parametrize("case", cases.ci_decode_cases(),
                          ids=[f"{cases.NAMES[c.dtype]}-d{c.head_dim}-c{c.max_chunk}"
                               for c in cases.ci_decode_cases()])
@@ -211,12 +230,15 @@ def test_misaligned_rows_fall_back_to_simt(emu):
     ("missing_syncthreads", cases.PrefillCase(torch.float32, 40, seqlen=45, path="simt")),
     ("fragment_index", cases.PrefillCase(torch.bfloat16, 32, seqlen=40, path="tc")),
     ("tail_guard", cases.PrefillCase(torch.float32, 40, seqlen=45, path="simt")),
+    ("varlen_offset", cases.ci_varlen_cases()[0]),
+    ("varlen_offset_tc_bwd", cases.ci_varlen_cases()[1]),
 ])
 def test_planted_defects_are_caught(defect, case):
     # Each defect is planted in a scratch copy of csrc/ (emulated.DEFECTS) and built apart.
     broken = emulated.load(defect=defect)
+    check = cases.check_varlen if isinstance(case, cases.VarlenCase) else cases.check_prefill
     try:
-        records = cases.check_prefill(broken, case)
+        records = check(broken, case)
     except emulated.EmulationError:
         return  # a launch failure or runtime report: caught
     assert not all(r["passed"] for r in records), f"defect {defect} went unnoticed"

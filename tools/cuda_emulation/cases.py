@@ -259,3 +259,193 @@ def full_decode_cases():
         cases.append(DecodeCase(dt, d, heads_q=2, heads_kv=1, batch=1, budget=40, max_chunk=1,
                                 tau=0.8, steps=10, seed=21))
     return cases
+
+
+# ---- varlen (packed ragged batches, PrefillParams::cu_seqlens) --------------------------------
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """A packed batch: q (total, Hq, D) etc. with sequences of `lengths` (0 allowed)."""
+    dtype: torch.dtype
+    head_dim: int
+    lengths: tuple
+    heads_q: int = 2
+    heads_kv: int = 1
+    sel_head: int = 1
+    explicit_sel: bool = False
+    mem_tau: Optional[float] = None
+    dlse: bool = False
+    path: str = "simt"
+    seed: int = 0
+    layout: str = "varlen"  # in repr(), so run_all.py --only varlen selects these
+
+    @property
+    def shape(self):
+        return [list(self.lengths), self.heads_q, self.heads_kv, self.head_dim]
+
+    @property
+    def seqlen(self):
+        return max(self.lengths, default=0)
+
+
+def _cu(lengths) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def _packed_nan_padded(t: torch.Tensor, extra_rows: int = 40, extra_heads: int = 0):
+    """t (total, [H,] D) as a view into NaN storage with NaN rows after the last packed row
+    (and, with extra_heads, NaN heads after the last head, as in a fused projection), so a
+    kernel that reads past the packed rows or mixes up heads produces NaN."""
+    shape = list(t.shape)
+    shape[0] += extra_rows
+    if extra_heads:
+        shape[1] += extra_heads
+    buf = torch.full(shape, float("nan"), dtype=t.dtype)
+    view = buf[: t.shape[0], : t.shape[1]] if extra_heads else buf[: t.shape[0]]
+    view.copy_(t)
+    return view
+
+
+def _varlen_inputs(c: VarlenCase):
+    g = torch.Generator().manual_seed(c.seed)
+    total, Hq, Hkv, D = sum(c.lengths), c.heads_q, c.heads_kv, c.head_dim
+    q = torch.randn(total, Hq, D, generator=g, dtype=torch.float64) * 1.5
+    k = torch.randn(total, Hkv, D, generator=g, dtype=torch.float64) * 1.5
+    v = torch.randn(total, Hkv, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(total, Hq, D, generator=g, dtype=torch.float64)
+    dlse = torch.randn(Hq, total, generator=g, dtype=torch.float64) if c.dlse else None
+    dmem = torch.randn(total, generator=g, dtype=torch.float64) if c.mem_tau else None
+    # q inside a wider fused projection (one NaN head more): a strided row.
+    q = _packed_nan_padded(q.to(c.dtype), extra_heads=1)
+    k, v, dout = (_packed_nan_padded(t.to(c.dtype)) for t in (k, v, dout))
+    if c.explicit_sel:
+        qs = _packed_nan_padded((torch.randn(total, D, generator=g, dtype=torch.float64) * 1.5)
+                                .to(c.dtype))
+        ks = _packed_nan_padded((torch.randn(total, D, generator=g, dtype=torch.float64) * 1.5)
+                                .to(c.dtype))
+    else:  # views of the selection head: strided rows, as selattn_ext passes them
+        qs, ks = q[:, c.sel_head], k[:, c.sel_head // (Hq // Hkv)]
+    return (q, k, v, qs, ks, dout), dlse, dmem
+
+
+def _varlen_reference(c: VarlenCase, q, k, v, qs, ks, dout, dlse, dmem, dtype):
+    """The reference run on each sequence alone in `dtype`, re-packed: out (total, Hq, D), lse
+    (Hq, total), mem (total,), gradients of the packed leaves, and the largest F seen."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, qs, ks)]
+    D = q.shape[-1]
+    outs, lses, mems, fmax, start = [], [], [], 0.0, 0
+    for n in c.lengths:
+        sl = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        seq = [t[sl].transpose(0, 1)[None] for t in leaves[:3]]
+        res = reference.attention(*seq, q_sel=leaves[3][sl][None], k_sel=leaves[4][sl][None],
+                                  scale=D ** -0.5, return_lse=True, memory_tau=c.mem_tau,
+                                  return_f=True)
+        outs.append(res[0][0].transpose(0, 1))
+        lses.append(res[1][0])
+        f = res[-1]
+        fmax = max(fmax, f.max().item())
+        if c.mem_tau:
+            mems.append(reference.memory_rowsum(f, c.mem_tau)[0])
+    total, Hq = q.shape[0], q.shape[1]
+    out = torch.cat(outs) if outs else leaves[0].new_zeros(0, Hq, D)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = torch.cat(lses, dim=1) if lses else torch.zeros(Hq, 0, dtype=stats)
+    mem = (torch.cat(mems) if mems else torch.zeros(0, dtype=stats)) if c.mem_tau else None
+    assert out.shape[0] == total
+    grads = None
+    if outs:
+        loss = (out * dout.to(dtype)).sum()
+        if dlse is not None:
+            loss = loss + (lse * dlse.to(lse.dtype)).sum()
+        if mem is not None:
+            loss = loss + (mem * dmem.to(mem.dtype)).sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        # The unused NaN head of q's storage is not a leaf; a sequence-less gradient is 0.
+        grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves)]
+    return out.detach(), lse.detach(), (mem.detach() if mem is not None else None), grads, fmax
+
+
+def check_varlen(emu, c: VarlenCase, backward: bool = True) -> list:
+    """Runs the emulated varlen forward (and backward) of case c against the fp64 reference run
+    on each sequence alone (DESIGN §1.1, §7); one record per output."""
+    (q, k, v, qs, ks, dout), dlse, dmem = _varlen_inputs(c)
+    D = c.head_dim
+    scale = D ** -0.5
+    o64, lse64, mem64, g64, fmax = _varlen_reference(c, q, k, v, qs, ks, dout, dlse, dmem,
+                                                     torch.float64)
+    olo, lselo, memlo, glo, _ = _varlen_reference(c, q, k, v, qs, ks, dout, dlse, dmem, c.dtype)
+    if c.seqlen >= 40:
+        assert fmax > 1.0, "inputs too tame: F never exceeds 1"
+    cu = _cu(c.lengths)
+    res = emu.prefill_varlen_fwd(q, k, v, qs, ks, cu, c.seqlen, scale, c.mem_tau, path=c.path)
+    out, lse = res[0], res[1]
+    base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
+                sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
+                mem_tau=c.mem_tau, dlse=c.dlse, lengths=list(c.lengths))
+    records = []
+
+    def rec(kernel, name, ours, oracle, eager, factor):
+        err = _err(ours, oracle)
+        tol = factor * _err(eager, oracle) + 1e-5
+        finite = bool(torch.isfinite(ours).all())
+        records.append(dict(base, kernel=kernel, output=name, max_err=err, tol=tol,
+                            passed=finite and err <= tol and ours.shape == oracle.shape))
+
+    kf = f"{c.path}_fwd_varlen"
+    rec(kf, "out", out, o64, olo, 2)
+    rec(kf, "lse", lse, lse64, lselo, 2)
+    if c.mem_tau:
+        rec(kf, "mem", res[2], mem64, memlo, 2)
+    if backward and g64 is not None:
+        grads = emu.prefill_varlen_bwd(dout, q, k, v, qs, ks, cu, c.seqlen, out, lse,
+                                       dlse.to(lse.dtype) if dlse is not None else None, scale,
+                                       dmem.to(lse.dtype) if dmem is not None else None,
+                                       c.mem_tau, path=c.path)
+        for name, ours, oracle, eager in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), grads, g64,
+                                             glo):
+            rec(f"{c.path}_bwd_varlen", name, ours, oracle, eager, 3)
+    return records
+
+
+def ci_varlen_cases():
+    """Both paths, lengths 0 and 1 and sequences spanning several tiles, GQA, dlse, mem_tau."""
+    return [
+        VarlenCase(torch.float32, 40, (0, 45, 1, 70, 0, 3), heads_q=4, heads_kv=2, sel_head=3,
+                   dlse=True, mem_tau=1.0, path="simt", seed=30),
+        VarlenCase(torch.bfloat16, 64, (70, 0, 1, 130, 5), heads_q=2, heads_kv=1,
+                   explicit_sel=True, dlse=True, mem_tau=1.5, path="tc", seed=31),
+    ]
+
+
+def _mix(rng, count: int, longest: int) -> tuple:
+    """A random length mix: always a 0 and a 1, the rest short, mid and multi-tile lengths."""
+    pool = [0, 1, rng.randint(2, 31), rng.randint(32, 64), rng.randint(65, longest)]
+    lengths = pool + [rng.randint(0, longest) for _ in range(max(0, count - len(pool)))]
+    rng.shuffle(lengths)
+    return tuple(lengths)
+
+
+def full_varlen_cases():
+    import random
+    rng = random.Random(2026)
+    cases = list(ci_varlen_cases())
+    for dt, d in itertools.product((torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                                   (7, 64, 129)):
+        cases.append(VarlenCase(dt, d, _mix(rng, 6, 140), heads_q=4, heads_kv=2, sel_head=2,
+                                path="simt", seed=40))
+        cases.append(VarlenCase(dt, d, _mix(rng, 5, 100), heads_q=2, heads_kv=2,
+                                explicit_sel=True, mem_tau=0.8, dlse=True, path="simt", seed=41))
+    for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
+        cases.append(VarlenCase(dt, d, _mix(rng, 6, 200), heads_q=4, heads_kv=2, sel_head=1,
+                                path="tc", seed=42))
+        cases.append(VarlenCase(dt, d, _mix(rng, 5, 140), heads_q=2, heads_kv=1,
+                                explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=43))
+    # Degenerate batches: every sequence empty or of length 1; one sequence only.
+    cases.append(VarlenCase(torch.float32, 32, (0, 0, 0), path="simt", seed=44))
+    cases.append(VarlenCase(torch.float16, 32, (1, 1, 0, 1), path="tc", seed=45))
+    cases.append(VarlenCase(torch.bfloat16, 64, (193,), heads_q=2, heads_kv=1, path="tc",
+                            dlse=True, seed=46))
+    return cases

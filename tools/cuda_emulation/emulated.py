@@ -12,6 +12,8 @@ layouts the CUDA ops accept and return what the CUDA ops return:
     dq, dk, dv, dq_sel, dk_sel = emu.prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, None,
                                                  scale, path="simt")
     out = emu.decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, None, scale, 0, 8, None)
+    out, lse = emu.prefill_varlen_fwd(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale,
+                                      path="simt")      # packed (total, H, D), lse (H, total)
 
 `path` is "simt" or "tc" (tensor cores; ValueError where that path does not apply). Every
 call checks that the kernels it expected actually ran and raises EmulationError on a failed
@@ -67,6 +69,27 @@ DEFECTS = {
     ),
 }
 
+# Varlen defects (PrefillParams::cu_seqlens), invisible to every dense case (start 0, n = N):
+DEFECTS.update({
+    # v's rows taken from the start of the packed tensor instead of the sequence's own start.
+    "varlen_offset": (
+        "cuda/prefill/simt_fwd.cuh",
+        "  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +\n"
+        "               s0 * p.v_row_stride;\n",
+        "  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;\n",
+    ),
+    # The tensor-core backward reads dout from the first sequence's rows for every sequence.
+    # (A tail guard on max_seqlen instead of n is the other classic; it writes past the packed
+    # outputs, i.e. corrupts the host heap of the emulation, so it is not planted in-process.)
+    "varlen_offset_tc_bwd": (
+        "cuda/prefill/tc_bwd.cuh",
+        "  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +\n"
+        "                  h * p.dout_head_stride + s0 * p.dout_row_stride;\n",
+        "  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +\n"
+        "                  h * p.dout_head_stride;\n",
+    ),
+})
+
 SANITIZE_FLAGS = {
     None: ["-O2"],
     "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
@@ -95,8 +118,11 @@ def _sources(csrc: str) -> list:
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
-def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str]) -> str:
-    """Hash of a translation unit, every quoted header it includes, and the flags."""
+def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str],
+                    root: str) -> str:
+    """Hash of a translation unit, every quoted header it includes (by path relative to
+    `root`, the csrc/ being built, so a planted-defect copy reuses every object it does not
+    change), and the flags."""
     h = hashlib.sha256("\0".join(flags).encode())
     seen, todo = set(), [path]
     while todo:
@@ -105,7 +131,7 @@ def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str]
             continue
         seen.add(p)
         text = open(p, "rb").read()
-        h.update(p.encode() + b"\0" + text)
+        h.update(os.path.relpath(p, root).encode() + b"\0" + text)
         for inc in _INCLUDE.findall(text.decode("utf-8", "replace")):
             for d in [os.path.dirname(p), *include_dirs]:
                 cand = os.path.normpath(os.path.join(d, inc))
@@ -130,7 +156,7 @@ def _compile_all(csrc: str, outdir: str, sanitize: Optional[str]) -> str:
             # The scheduler's own state is not kernel memory: not instrumented (it still calls
             # the TSan fiber and sync annotations).
             flags = [f for f in flags if f != "-fsanitize=thread"] + ["-DSELATTN_EMU_TSAN=1"]
-        digest = _closure_digest(src, include_dirs, flags)
+        digest = _closure_digest(src, include_dirs, flags, csrc)
         obj = os.path.join(objs_dir, f"{os.path.basename(src)}.{digest}.o")
         jobs.append((src, obj, flags))
 
@@ -227,6 +253,8 @@ class Emulation:
         i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
         vpp = ctypes.POINTER(ctypes.c_void_p)
         lib.selattn_emu_prefill.argtypes = [ctypes.c_int, i64p, f64p, vpp]
+        lib.selattn_emu_prefill_varlen.argtypes = [ctypes.c_int, i64p, f64p, vpp,
+                                                   ctypes.c_void_p, ctypes.c_int64]
         lib.selattn_emu_decode.argtypes = [i64p, f64p, vpp]
         lib.selattn_emu_report.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.selattn_emu_launched.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -353,19 +381,31 @@ class Emulation:
             os.environ.pop("SELATTN_CUDA_TC_BWD", None)
 
     def _prefill(self, backward: bool, q, k, v, q_sel, k_sel, out, lse, mem, dout, dlse, dmem,
-                 grads, scale: float, mem_tau: Optional[float]):
-        B, Hq, N, D = q.shape
+                 grads, scale: float, mem_tau: Optional[float], varlen=None):
+        if varlen is None:
+            B, Hq, N, D = q.shape
+            s4 = lambda t: _strides(t, 3)  # noqa: E731
+            s3 = lambda t: _strides(t, 2)  # noqa: E731
+        else:  # packed (total, H, D) / (total, D): batch stride 0, rows are the packed rows
+            cu, N = varlen
+            B, (_, Hq, D) = cu.numel() - 1, q.shape
+            s4 = lambda t: [0, t.stride(1), t.stride(0)] if t is not None else [0] * 3  # noqa
+            s3 = lambda t: [0, t.stride(0)] if t is not None else [0] * 2  # noqa: E731
         ints = [DTYPE_CODE[q.dtype], B, Hq, k.shape[1], N, D]
         for t in (q, k, v, out, dout, *grads[:3]):
-            ints += _strides(t, 3)
+            ints += s4(t)
         for t in (q_sel, k_sel, *grads[3:]):
-            ints += _strides(t, 2)
+            ints += s3(t)
         ints_arr = (ctypes.c_int64 * len(ints))(*ints)
         reals = (ctypes.c_double * 2)(float(scale), float(mem_tau or 0.0))
         ptrs = [q, k, v, q_sel, k_sel, out, lse, mem, dout, dlse, dmem, *grads]
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[t.data_ptr() if t is not None else None
                                                   for t in ptrs])
-        return self._call(self.lib.selattn_emu_prefill, int(backward), ints_arr, reals, ptr_arr)
+        if varlen is None:
+            return self._call(self.lib.selattn_emu_prefill, int(backward), ints_arr, reals,
+                              ptr_arr)
+        return self._call(self.lib.selattn_emu_prefill_varlen, int(backward), ints_arr, reals,
+                          ptr_arr, _ptr(varlen[0]), int(q.shape[0]))
 
     def prefill_fwd(self, q, k, v, q_sel, k_sel, scale, mem_tau=None, *, path):
         """As torch.ops.selattn.prefill_fwd on CUDA: (out, lse), or (out, lse, mem)."""
@@ -391,6 +431,54 @@ class Emulation:
         rc = self._prefill(True, q, k, v, q_sel, k_sel, out, lse, None, dout, dlse, dmem, grads,
                            scale, mem_tau if dmem is not None else None)
         self._finish(rc, "prefill_bwd", ["tc_bwd_kernel" if path == "tc" else "simt_bwd_kernel"])
+        return tuple(grads)
+
+    # -- varlen (packed ragged batches, PrefillParams::cu_seqlens)
+    @staticmethod
+    def _varlen_args(q, cu_seqlens, max_seqlen):
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor")
+        cu = cu_seqlens.contiguous()
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or min(lengths, default=0) < 0 \
+                or max(lengths, default=0) > max_seqlen:
+            raise ValueError(f"bad cu_seqlens {cu.tolist()} for total {q.shape[0]} and "
+                             f"max_seqlen {max_seqlen}")
+        # Nothing is launched when there is nothing to compute (as the launcher decides).
+        runs = cu.numel() > 1 and max_seqlen > 0 and q.shape[1] > 0 and q.shape[0] > 0
+        return cu, runs
+
+    def prefill_varlen_fwd(self, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale,
+                           mem_tau=None, *, path):
+        """As torch.ops.selattn.prefill_varlen_fwd on CUDA: q (total, Hq, D), k/v (total, Hkv,
+        D), q_sel/k_sel (total, D), cu_seqlens int32 (B + 1,). Returns (out, lse (Hq, total)),
+        or (out, lse, mem (total,))."""
+        self._set_path(path, q, (q, k, v, q_sel, k_sel))
+        cu, runs = self._varlen_args(q, cu_seqlens, max_seqlen)
+        stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        total, Hq, _ = q.shape
+        out = _nan_like(q)
+        lse = torch.full((Hq, total), float("nan"), dtype=stats_dtype)
+        mem = torch.full((total,), float("nan"), dtype=stats_dtype) if mem_tau else None
+        rc = self._prefill(False, q, k, v, q_sel, k_sel, out, lse, mem, None, None, None,
+                           [None] * 5, scale, mem_tau, varlen=(cu, max_seqlen))
+        self._finish(rc, "prefill_varlen_fwd",
+                     [("tc_fwd_kernel" if path == "tc" else "simt_fwd_kernel")] if runs else [])
+        return (out, lse, mem) if mem_tau else (out, lse)
+
+    def prefill_varlen_bwd(self, dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out, lse,
+                           dlse, scale, dmem=None, mem_tau=None, *, path):
+        """As torch.ops.selattn.prefill_varlen_bwd on CUDA: (dq, dk, dv, dq_sel, dk_sel)."""
+        self._set_path(path, q, (q, k, v, q_sel, k_sel, dout))
+        cu, runs = self._varlen_args(q, cu_seqlens, max_seqlen)
+        grads = [_nan_like(t) for t in (q, k, v, q_sel, k_sel)]
+        lse = lse.contiguous()
+        dlse = dlse.contiguous() if dlse is not None else None
+        dmem = dmem.contiguous() if dmem is not None else None
+        rc = self._prefill(True, q, k, v, q_sel, k_sel, out, lse, None, dout, dlse, dmem, grads,
+                           scale, mem_tau if dmem is not None else None, varlen=(cu, max_seqlen))
+        self._finish(rc, "prefill_varlen_bwd",
+                     [("tc_bwd_kernel" if path == "tc" else "simt_bwd_kernel")] if runs else [])
         return tuple(grads)
 
     def decode_step(self, q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
@@ -422,6 +510,20 @@ def prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale, dmem=None, m
     """See Emulation.prefill_bwd (default, unsanitized build)."""
     return load().prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale, dmem, mem_tau,
                               path=path)
+
+
+def prefill_varlen_fwd(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale, mem_tau=None, *,
+                       path):
+    """See Emulation.prefill_varlen_fwd (default, unsanitized build)."""
+    return load().prefill_varlen_fwd(q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, scale,
+                                     mem_tau, path=path)
+
+
+def prefill_varlen_bwd(dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out, lse, dlse,
+                       scale, dmem=None, mem_tau=None, *, path):
+    """See Emulation.prefill_varlen_bwd (default, unsanitized build)."""
+    return load().prefill_varlen_bwd(dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out,
+                                     lse, dlse, scale, dmem, mem_tau, path=path)
 
 
 def decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head, budget, tau):

@@ -4,6 +4,8 @@ under a sanitizer, plus the planted defects.
     python tools/cuda_emulation/run_all.py --json FILE [--sanitize address|thread] [--quick]
                                            [--defects] [--only SUBSTRING]
 
+--only matches the case's repr (e.g. "varlen", "path='tc'", "torch.float16").
+
 Writes one JSON record per case and output: kernel, dtype, head_dim, shape, max_err, tol,
 passed, and the number of sanitizer reports the case produced (ASan/UBSan errors or TSan
 warnings in its stderr) plus the emulation runtime's own reports. With --defects, each planted
@@ -147,7 +149,9 @@ def main() -> int:
     emu = emulated.load(sanitize=args.sanitize)
     prefill = cases.ci_prefill_cases() if args.quick else cases.full_prefill_cases()
     decode = cases.ci_decode_cases() if args.quick else cases.full_decode_cases()
-    work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode]
+    varlen = cases.ci_varlen_cases() if args.quick else cases.full_varlen_cases()
+    work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode] + \
+        [("varlen", c) for c in varlen]
     if args.only:
         work = [(k, c) for k, c in work if args.only in repr(c)]
     if args.no_long:
@@ -174,8 +178,9 @@ def main() -> int:
         for kind, c in work:
             t0 = time.time()
             try:
-                recs = (cases.check_prefill(emu, c) if kind == "prefill"
-                        else cases.check_decode(emu, c))
+                check = dict(prefill=cases.check_prefill, decode=cases.check_decode,
+                             varlen=cases.check_varlen)[kind]
+                recs = check(emu, c)
                 error = None
             except Exception as exc:  # a launch failure or runtime report is a failed case
                 recs, error = [dict(kernel=f"{getattr(c, 'path', 'decode')}", dtype=cases.NAMES[c.dtype],
@@ -200,21 +205,24 @@ def main() -> int:
                 t0 = time.time()
                 broken = emulated.load(sanitize=args.sanitize, defect=name)
                 probe = [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
-                         cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc")]
+                         cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc"),
+                         *cases.ci_varlen_cases()]
                 caught, how = False, []
                 for c in probe:
+                    label = c.path + (" varlen" if isinstance(c, cases.VarlenCase) else "")
                     try:
-                        recs = cases.check_prefill(broken, c)
+                        recs = (cases.check_varlen(broken, c) if isinstance(c, cases.VarlenCase)
+                                else cases.check_prefill(broken, c))
                         if not all(r["passed"] for r in recs):
                             caught = True
-                            how.append(f"{c.path}: comparison failed")
+                            how.append(f"{label}: comparison failed")
                     except Exception as exc:
                         caught = True
-                        how.append(f"{c.path}: {type(exc).__name__}")
+                        how.append(f"{label}: {type(exc).__name__}")
                     san, _ = counter.take() if counter else (0, "")
                     if san:
                         caught = True
-                        how.append(f"{c.path}: {san} sanitizer report(s)")
+                        how.append(f"{label}: {san} sanitizer report(s)")
                 records.append(dict(kernel="planted_defect", defect=name, dtype="-", head_dim=None,
                                     shape=None, max_err=None, tol=None, passed=caught,
                                     caught_by=how, sanitizer=args.sanitize or "none",
