@@ -28,6 +28,12 @@ struct TcFwdConfig {
   static constexpr int kBlockN = 64;  // keys per tile
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
+  // CTAs per SM the register allocation must allow (ptxas otherwise spends registers freely).
+  // Head dim 32: 4, what it reached before the varlen mode made the sequence length a runtime
+  // value (ptxas sm_90: 127 registers, no spills; 150 unbounded). Head dim 64 would need 3
+  // (168 registers) and then spills 32 bytes; unbounded it takes 175 (2 CTAs/SM by registers,
+  // 3 before varlen): which is faster is for a GPU benchmark to say.
+  static constexpr int kMinBlocks = kD <= 32 ? 4 : 1;
   // +8 elements (16 bytes) per row: the 8 row addresses of an ldmatrix hit distinct banks.
   static constexpr int kStride = kD + 8;
   static constexpr size_t kSmemBytes =
@@ -76,7 +82,7 @@ __device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, con
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
+__global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, kD>::kMinBlocks)
     tc_fwd_kernel(const PrefillParams p, const float* __restrict__ poff) {
   using Cfg = TcFwdConfig<T, kD>;
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStride = Cfg::kStride;
@@ -259,11 +265,13 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads)
     }
   }
 
+  // The sequence's rows again (not kept live across the key loop: fewer registers there).
+  const SeqRows rows_out = seq_rows(p, b);
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-           s0 * p.out_row_stride;
-  float* lse = static_cast<float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
+           rows_out.start * p.out_row_stride;
+  float* lse = static_cast<float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows_out);
   if (sum_mem) {
-    float* mem = static_cast<float*>(p.mem) + stats_offset(p, b, 0, 1, rows);
+    float* mem = static_cast<float*>(p.mem) + stats_offset(p, b, 0, 1, rows_out);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       // The four lanes t of a row group hold the row's keys; all 32 lanes shuffle.
