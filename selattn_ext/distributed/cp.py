@@ -26,11 +26,11 @@ an F-offset input in the kernels would remove that gap. Work is as imbalanced as
 all-gather CP always is (rank r's rows see (r + 1) n keys); a zig-zag slice assignment would
 balance it and is not implemented.
 
-Communication per layer and rank, forward: all-gather of k, v ((W - 1) / W * 2 B Hkv N D
-elements received) and of k_sel ((W - 1) / W * B N D), plus the column sums ((W - 1) B N, fp32
-or fp64); backward: the matching reduce-scatters. Plain attention's all-gather CP moves the
-same k/v; the selection adds B N (D + W - 1) elements, i.e. a fraction (D + W - 1) /
-(2 Hkv D) of it.
+Communication per layer, forward: all-gathers of k and v (payload 2 B Hkv N D elements), of
+k_sel (B N D) and of the column sums (W B N, fp32 or fp64); backward: the matching
+reduce-scatters (on gloo, which has none, an all-reduce of the full gradient). Plain
+attention's all-gather CP moves the same k/v; the selection adds B N (D + W) elements each
+way, a fraction (D + W) / (2 Hkv D) of it (13% at Hkv = 4, D = 32, W = 2).
 """
 
 from __future__ import annotations
