@@ -91,3 +91,37 @@ def test_example_under_torchrun(mode, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"{mode} on 2 processes" in res.stdout, res.stdout[-3000:]
+
+
+# --- in-process checks (no process group needed) ---------------------------------------------
+
+def test_import_selattn_ext_does_not_import_distributed():
+    code = ("import sys, selattn_ext; "
+            "assert 'selattn_ext.distributed' not in sys.modules; "
+            "assert 'torch.distributed.tensor.parallel' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_qkv_row_order_regroups_each_ranks_heads():
+    from selattn_ext.distributed import qkv_row_order
+
+    # 4 q heads, 2 kv heads, head_dim 1, 2 ranks: rows q0..q3, k0 k1, v0 v1.
+    assert qkv_row_order(4, 2, 1, 2).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        qkv_row_order(4, 2, 8, 4)
+
+
+def test_clear_errors_without_a_process_group():
+    import torch
+
+    import selattn_ext.distributed as sd
+    from selattn_ext.nn import SelectiveSelfAttention
+
+    with pytest.raises(ValueError, match="no SelectiveSelfAttention"):
+        sd.tp_plan(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not tensor-parallel"):
+        sd.tp_kv_cache(SelectiveSelfAttention(16, 2), 1, 4)
+    if not dist.is_initialized():
+        q = torch.randn(1, 2, 4, 8)
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            sd.context_parallel_attention(q, q, q)
