@@ -32,7 +32,7 @@ bool prefill_grid_fits(int64_t batch, int64_t heads_q, int64_t seqlen) {
   return batch <= 65535 && heads_q <= 65535 && seqlen <= prefill_max_seqlen();
 }
 
-size_t prefill_fwd_workspace_bytes(const PrefillParams& p) { return poff_bytes(p); }
+size_t prefill_fwd_workspace_bytes(const PrefillParams& p) { return fwd_workspace_bytes(p); }
 
 size_t prefill_bwd_workspace_bytes(const PrefillParams& p) { return bwd_layout(p).total; }
 
@@ -45,10 +45,12 @@ bool workspace_ok(const PrefillParams& p, size_t needed) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-bool env_is_1(const char* name) {
+bool env_is(const char* name, const char* want) {
   const char* value = std::getenv(name);
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return value != nullptr && std::strcmp(value, want) == 0;
 }
+
+bool env_is_1(const char* name) { return env_is(name, "1"); }
 
 // The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
 // aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
