@@ -6,7 +6,7 @@
 Covers the prefill forward and backward (every dtype; head dims 1..256 across the SIMT chunk
 sizes; N not a multiple of the 32/64-row tiles; GQA; a transposed (B, N, H, D) layout; dlse
 given and null; for bf16/fp16 at head dims 32/64/96/128 both the tensor-core and the SIMT
-forward, and the SIMT and the opt-in tensor-core backward; the memory-loss output mem (mem_tau)
+forward, and the SIMT (opt-out) and the default tensor-core backward; the memory-loss output mem (mem_tau)
 and its gradient dmem on some of these) and, when the op library has a CUDA decode kernel, token-by-token decoding and
 chunked prefill through the pruned cache. As a cheap smoke check it also compares every result
 with selattn_ext.reference (fp64) and fails on NaN/inf or a large error; the real accuracy
@@ -120,7 +120,7 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
     stats = lse.dtype
     dlse = dlse64.to(stats).to(DEV) if with_dlse else None
     dmem = dmem64.to(stats).to(DEV) if mem_tau is not None else None
-    # The tensor-core backward is opt-in (SELATTN_CUDA_TC_BWD=1): run both where it exists.
+    # The tensor-core backward is the default (SELATTN_CUDA_TC_BWD=0 opts out): run both.
     for tc_bwd in ((False, True) if has_tc else (False,)):
         os.environ["SELATTN_CUDA_TC_BWD"] = "1" if tc_bwd else "0"
         try:

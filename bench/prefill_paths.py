@@ -2,8 +2,8 @@
 
 Times, in one process and alternating, for bf16 at each head dim and N (16K tokens per batch:
 B = 16384 // N, H = 16 by default):
-  tc          our tensor-core forward / backward (SELATTN_CUDA_TC_BWD=1 while the backward
-              is opt-in; SELATTN_CUDA_TC_BWD=0 is the opt-out once it is the default)
+  tc          our tensor-core forward / backward (the default for bf16 at these head dims;
+              SELATTN_CUDA_TC_BWD unset)
   simt        our SIMT forward / backward (SELATTN_CUDA_FORCE_SIMT=1), only up to --simt-max-n
               (it is ~50-100x slower; the cost model says how much)
   sdpa_flash  torch's scaled_dot_product_attention, causal, flash backend only
@@ -37,7 +37,7 @@ import roofline  # noqa: E402
 import selattn_ext  # noqa: E402
 from selattn_ext import ops, reference  # noqa: E402
 
-ENV_OF_PATH = {"tc": {"SELATTN_CUDA_TC_BWD": "1", "SELATTN_CUDA_FORCE_SIMT": None},
+ENV_OF_PATH = {"tc": {"SELATTN_CUDA_TC_BWD": None, "SELATTN_CUDA_FORCE_SIMT": None},
                "simt": {"SELATTN_CUDA_FORCE_SIMT": "1", "SELATTN_CUDA_TC_BWD": None}}
 
 

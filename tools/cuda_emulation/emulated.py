@@ -367,7 +367,7 @@ class Emulation:
             if why:
                 raise ValueError(f"the tensor-core path does not apply: {why}")
             os.environ.pop("SELATTN_CUDA_FORCE_SIMT", None)
-            os.environ["SELATTN_CUDA_TC_BWD"] = "1"
+            os.environ.pop("SELATTN_CUDA_TC_BWD", None)  # the default: tensor-core backward
         else:
             os.environ["SELATTN_CUDA_FORCE_SIMT"] = "1"
             os.environ.pop("SELATTN_CUDA_TC_BWD", None)

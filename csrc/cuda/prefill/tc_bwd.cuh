@@ -1,6 +1,7 @@
 // Tensor-core prefill backward for bf16/fp16, head dims 32, 64, 96, 128 (DESIGN §2 with
-// mma.sync.m16n8k16, fp32 accumulate). Torch-free. Opt-in for now (SELATTN_CUDA_TC_BWD=1, see
-// prefill/launch.cu) until a GPU run has validated it; the SIMT backward is the default.
+// mma.sync.m16n8k16, fp32 accumulate). Torch-free. The default backward for these dtypes and
+// head dims (SELATTN_CUDA_TC_BWD=0 opts out, see prefill/launch.cu); the SIMT backward serves
+// fp32/fp64, other head dims, misaligned rows, and GPUs with too little shared memory.
 //
 // One CTA (4 warps) per (key block of 64 keys, q head, batch) walks the 64-row query blocks
 // from the last down to its own. Warp w owns keys 16w..16w+15 and computes *transposed* tiles
