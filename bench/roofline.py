@@ -112,6 +112,26 @@ def gpu_check_shapes() -> List[Shape]:
     return shapes
 
 
+# ---- registers ---------------------------------------------------------------------------------
+
+# Registers per thread of each kernel, `nvcc -O3 --use_fast_math -gencode arch=compute_90,
+# code=sm_90 -Xptxas -v` (nvcc 13.0, bf16 instantiations; the filtered log is
+# bench/results/ptxas_sm90_prefill_*.txt). Keys: (kernel, head-dim chunks of 32 (SIMT) or head
+# dim (tensor cores)). Occupancy follows from these, shared memory and threads.
+REGISTERS_SM90: Dict[tuple, int] = {
+    ("prepass_colsum", 1): 34, ("prepass_colsum", 2): 40, ("prepass_colsum", 4): 40,
+    ("prepass_colsum", 8): 40, ("prepass_scan", 0): 32,
+    ("simt_fwd", 1): 96, ("simt_fwd", 2): 108, ("simt_fwd", 4): 190, ("simt_fwd", 8): 150,
+    ("simt_bwd", 1): 124, ("simt_bwd", 2): 148, ("simt_bwd", 4): 203, ("simt_bwd", 8): 248,
+    ("tc_fwd", 32): 124, ("tc_fwd", 64): 167, ("tc_fwd", 128): 254,
+    ("tc_bwd", 64): 254, ("tc_bwd", 96): 252, ("tc_bwd", 128): 252,
+}
+
+
+def _regs(kernel: str, key: int) -> int:
+    return REGISTERS_SM90.get((kernel, key), 0)
+
+
 # ---- per-kernel counts -----------------------------------------------------------------------
 
 COUNT_KEYS = ("tc_flops", "simt_flops", "mma", "ffma", "mufu", "shfl", "lds", "sts", "sts128",
@@ -141,14 +161,19 @@ class KernelCost:
     total: Dict[str, float]
     dram_bytes: float
     notes: str = ""
+    registers: int = 0  # per thread, from ptxas for sm_90 (REGISTERS_SM90); 0 = unknown
     occupancy: int = 0
     bound_us: Dict[str, float] = field(default_factory=dict)
     limiter: str = ""
 
     def finish(self, gpu: Gpu, tc_tflops: float) -> "KernelCost":
         per_sm_smem = self.smem_bytes + 1024  # the runtime reserves 1 KB per CTA
+        # Registers are allocated per warp in units of 256: 65536 per SM.
+        warp_regs = -(-self.registers * 32 // 256) * 256
+        by_regs = 65536 // (warp_regs * (self.threads // 32)) if self.registers else 99
         self.occupancy = max(0, min(gpu.ctas_per_sm, gpu.threads_per_sm // self.threads,
-                                    gpu.smem_per_sm // per_sm_smem if self.smem_bytes else 99))
+                                    gpu.smem_per_sm // per_sm_smem if self.smem_bytes else 99,
+                                    by_regs))
         clk = gpu.clock_ghz * 1e9 * gpu.sms  # SM-clocks per second over the chip
         t = self.total
         wavefronts = t["lds"] + t["sts"] + 4 * t["sts128"] + 4 * t["ldsm"]
@@ -227,6 +252,7 @@ def prepass_costs(s: Shape) -> List[KernelCost]:
                             "writes zeros",
                       extra_total=dict(global_store_bytes=(nqb * nqb - active) * 32 * 4 * s.batch))
     cost.ctas = nqb * nqb * s.batch
+    cost.registers = _regs("prepass_colsum", c)
     # 256 columns per CTA, each thread walks all nqb blocks of its column.
     scan = _grid_cost("prepass_scan", 256, 0, _zero(),
                       dict(ldg=nqb * 8, global_load_bytes=nqb * 4 * 256,
@@ -235,6 +261,7 @@ def prepass_costs(s: Shape) -> List[KernelCost]:
                       round_trips_fixed=0, round_trips_per_tile=nqb,
                       notes="one thread per (b, j) walks all query blocks: a dependent chain of "
                             "N/32 loads")
+    scan.registers = _regs("prepass_scan", 0)
     return [cost, scan]
 
 
@@ -260,10 +287,12 @@ def simt_fwd_cost(s: Shape) -> KernelCost:
     # q, k, v, q_sel, k_sel, out; lse; the causal half of Poff (re-reads by heads: L2).
     dram = (s.batch * n * d * es * (2 * h + 2 * hk + 2) + s.batch * h * n * 4 +
             s.batch * nqb * n * 4 / 2)
-    return _grid_cost("simt_fwd", 256, 4 * 32 * 33 * 4, fixed, tile,
+    cost = _grid_cost("simt_fwd", 256, 4 * 32 * 33 * 4, fixed, tile,
                       list(range(1, nqb + 1)), s.batch * h, dram, 0, 3 * c + 1,
                       notes="selection tile recomputed per head; 2-byte scalar loads; "
                             "P broadcast by shuffles in PV")
+    cost.registers = _regs("simt_fwd", c)
+    return cost
 
 
 def tc_fwd_cost(s: Shape) -> KernelCost:
@@ -302,6 +331,7 @@ def tc_fwd_cost(s: Shape) -> KernelCost:
                       notes="64-row tiles, synchronous loads, selection GEMM per head (1.5x "
                             "FA2's tensor FLOPs), 160 shuffles/thread/tile for F, 2-byte "
                             f"output stores ({d // 2} per thread)")
+    cost.registers = _regs("tc_fwd", d)
     return cost
 
 
@@ -333,10 +363,12 @@ def simt_bwd_cost(s: Shape) -> KernelCost:
     fixed = dict(red=3 * 32 * d, global_store_bytes=3 * 32 * d * 4)
     h, hk = s.heads_q, s.heads_kv
     dram = _bwd_dram(s)
-    return _grid_cost("simt_bwd", 256, 5 * 32 * 33 * 4, fixed, tile,
+    cost = _grid_cost("simt_bwd", 256, 5 * 32 * 33 * 4, fixed, tile,
                       list(range(nqb, 0, -1)), s.batch * h, dram, 0, 8 * c + 3,
                       notes="8 SIMT GEMMs per tile, 4.5 shared loads per FMA in the gradient "
                             "products, per-element dq/dq_sel atomics on every 32x32 tile")
+    cost.registers = _regs("simt_bwd", c)
+    return cost
 
 
 def _bwd_dram(s: Shape) -> float:
@@ -385,10 +417,12 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
                  red=3 * 64 * d, global_store_bytes=3 * 64 * d * 4)
     smem = ((3 * 64 + 3 * 64) * (d + 8) * es + 2 * 64 * 72 * es + 3 * 64 * 4 +
             k_dk * 64 * (d + 8) * 4)
-    return _grid_cost("tc_bwd", 128, smem, fixed, tile, list(range(nqb, 0, -1)),
+    cost = _grid_cost("tc_bwd", 128, smem, fixed, tile, list(range(nqb, 0, -1)),
                       s.batch * s.heads_q, _bwd_dram(s), 1, 1,
                       notes="8 GEMMs per tile (FA2: 5), synchronous loads, 1 CTA of 4 warps per "
                             "SM when shared memory exceeds 114 KB, dQ_sel atomics from every head")
+    cost.registers = _regs("tc_bwd", d)
+    return cost
 
 
 def bwd_side_costs(s: Shape) -> List[KernelCost]:
@@ -589,14 +623,16 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
              "with perfect overlap. bf16, causal.", ""]
     lines += ["## Per-CTA work of each prefill kernel (longest CTA)", "",
               f"Bounds on {g0['name']} at {g0['tc_tflops_spec']:.0f} TFLOP/s dense, "
-              f"{g0['hbm_tbps']} TB/s. smem = shared bytes per CTA; occ = CTAs/SM from shared "
-              "memory and threads; round trips = synchronous global-load waits of the longest "
+              f"{g0['hbm_tbps']} TB/s. smem = shared bytes per CTA; regs = registers per thread "
+              "(ptxas, sm_90); occ = CTAs/SM from shared memory, threads and registers; round "
+              "trips = synchronous global-load waits of the longest "
               "CTA; wavefronts = 128-byte shared-memory accesses.", ""]
     krows = []
     for k in report["kernels"]:
         m = k["per_cta_max"]
         wave = m["lds"] + m["sts"] + 4 * m["sts128"] + 4 * m["ldsm"]
         krows.append(dict(shape=k["shape"], kernel=k["kernel"], ctas=k["ctas"], smem=k["smem_bytes"],
+                          regs=k["registers"] or "?",
                           occ=k["occupancy"], tc_MFLOP=m["tc_flops"] / 1e6,
                           simt_MFLOP=m["simt_flops"] / 1e6, global_KB=(m["global_load_bytes"] +
                                                                         m["global_store_bytes"]) / 1e3,
@@ -605,7 +641,7 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
                           bound_us=k["bound_us"]["lower_bound"], limiter=k["limiter"]))
     keep = {"B1 H16 N4096 D128", "B1 H32 N8192 D128", "B4 H16 N4096 D64"}
     lines += _table([r for r in krows if r["shape"] in keep],
-                    ["shape", "kernel", "ctas", "smem", "occ", "tc_MFLOP", "simt_MFLOP",
+                    ["shape", "kernel", "ctas", "smem", "regs", "occ", "tc_MFLOP", "simt_MFLOP",
                      "global_KB", "smem_wavefronts", "barriers", "shfl", "atomics",
                      "round_trips", "bound_us", "limiter"])
     lines += ["", "(every shape is in the JSON)", ""]
