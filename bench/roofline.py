@@ -128,6 +128,10 @@ REGISTERS_SM90: Dict[tuple, int] = {
 }
 
 
+# Whether the tensor-core launchers run the tensor-core pre-pass (prepass_tc.cuh).
+TC_PREPASS = False
+
+
 def _regs(kernel: str, key: int) -> int:
     return REGISTERS_SM90.get((kernel, key), 0)
 
@@ -263,6 +267,31 @@ def prepass_costs(s: Shape) -> List[KernelCost]:
                             "N/32 loads")
     scan.registers = _regs("prepass_scan", 0)
     return [cost, scan]
+
+
+def prepass_tc_costs(s: Shape) -> List[KernelCost]:
+    """tc_colsum_kernel (prepass_tc.cuh) + the shared scan: grid (N/64 key tiles, N/64 row
+    tiles, B), 128 threads; per active CTA Q_sel and K_sel tiles (64 x D) loaded once, the
+    selection GEMM on mma.sync, 3 shuffles per fragment column, two 32-row block sums."""
+    n, d, es = s.seqlen, s.head_dim, s.elem_bytes
+    w = 4
+    nb = math.ceil(n / 64)
+    active = nb * (nb + 1) // 2
+    tile = dict(ldg=d // 8 * w, sts128=d // 8 * w, barriers=2, ldsm=5 * d // 16 * w,
+                mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d, shfl=48 * w, sts=16 * w,
+                ffma=32 * w, lds=4 * 2, global_load_bytes=2 * 64 * d * es,
+                global_store_bytes=2 * 64 * 4)
+    nqb = math.ceil(n / 32)
+    poff = s.batch * nqb * n * 4
+    cost = _grid_cost("prepass_tc_colsum", 128, 128 * (d + 8) * es + w * 64 * 4, _zero(), tile,
+                      [1] * active, s.batch, dram_bytes=2 * s.batch * n * d * es + poff,
+                      round_trips_fixed=0, round_trips_per_tile=1,
+                      notes="selection GEMM on the tensor cores, once per batch element",
+                      extra_total=dict(global_store_bytes=(nb * nb - active) * 2 * 64 * 4 *
+                                       s.batch))
+    cost.ctas = nb * nb * s.batch
+    cost.registers = _regs("prepass_tc_colsum", d)
+    return [cost, prepass_costs(s)[1]]
 
 
 def simt_fwd_cost(s: Shape) -> KernelCost:
@@ -486,8 +515,9 @@ def selective_min_flops(s: Shape, backward: bool) -> float:
 # ---- whole calls -----------------------------------------------------------------------------
 
 def prefill_kernels(s: Shape, path: str, backward: bool) -> List[KernelCost]:
-    """Launches of one prefill call as launch.cu makes them ('tc' or 'simt' main kernel)."""
-    ks = list(prepass_costs(s))
+    """Launches of one prefill call as launch.cu makes them ('tc' or 'simt' main kernel; the
+    tensor-core launchers also take the tensor-core pre-pass when TC_PREPASS)."""
+    ks = list(prepass_tc_costs(s) if path == "tc" and TC_PREPASS else prepass_costs(s))
     if backward:
         ks = bwd_side_costs(s)[:1] + ks + bwd_side_costs(s)[1:2]
         ks.append(tc_bwd_cost(s) if path == "tc" else simt_bwd_cost(s))
@@ -668,6 +698,27 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
                                "simt_bwd_over_fa2", "min_bwd_flops_over_fa2",
                                "tc_fwd_main_limiter", "tc_bwd_main_limiter"])
         lines.append("")
+    pick = [b for b in report["prefill_bounds"] if b["tc_rate"] == "spec"
+            and b["gpu"] == g0["name"] and b["shape"] == "B1 H32 N8192 D128"]
+    if pick:
+        b = pick[0]
+        lines += ["## Reading (B=1, Hq=32, N=8K, D=128, bf16, H100 at the dense spec)", "",
+                  "Predicted speed relative to FA2 if our kernels reach the same fraction of "
+                  "their bound as FA2 does of its own (FA2's backward bound has no shared-memory "
+                  "term, so the backward ratios are pessimistic):", ""]
+        for path in ("tc", "simt"):
+            for mode in ("fwd", "bwd"):
+                lines.append(
+                    f"- {path} {mode}: bound {b[f'{path}_{mode}_us']:.0f} us = "
+                    f"{b[f'{path}_{mode}_over_fa2']:.2f}x FA2's {b[f'fa2_{mode}_us']:.0f} us "
+                    f"(main kernel {b[f'{path}_{mode}_main_us']:.0f} us, limited by "
+                    f"{b[f'{path}_{mode}_main_limiter']}; {b[f'{path}_{mode}_flops_over_fa2']:.2f}x "
+                    f"FA2's FLOPs, the algorithm's minimum {b[f'min_{mode}_flops_over_fa2']:.2f}x)")
+        lines += ["", "What a GPU run (bench/gpu_check.sh -> prefill_paths) must confirm: the "
+                  "measured percentages of these bounds; that shared-memory wavefronts, not the "
+                  "tensor pipe, limit the tensor-core kernels (ncu: l1tex data-pipe lsu "
+                  "wavefronts vs. pipe_tensor); the exposed latency of the synchronous tile "
+                  "loads at 1-2 CTAs/SM (registers 250+, see regs/occ above).", ""]
     lines += ["## Decode: bytes per step and the bandwidth-bound time", "",
               "One new token (chunk 1), D=128, slots = budget + 1. `ideal`: K/V once per kv "
               "head + F, pos, q, out; `current`: what the kernels of csrc/cuda/decode request "
