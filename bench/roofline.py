@@ -128,7 +128,7 @@ REGISTERS_SM90: Dict[tuple, int] = {
 }
 
 
-# Whether the tensor-core launchers run the tensor-core pre-pass (prepass_tc.cuh).
+# Whether the tensor-core launchers run a tensor-core pre-pass (prepass_tc_costs): not yet.
 TC_PREPASS = False
 
 
@@ -270,9 +270,10 @@ def prepass_costs(s: Shape) -> List[KernelCost]:
 
 
 def prepass_tc_costs(s: Shape) -> List[KernelCost]:
-    """tc_colsum_kernel (prepass_tc.cuh) + the shared scan: grid (N/64 key tiles, N/64 row
-    tiles, B), 128 threads; per active CTA Q_sel and K_sel tiles (64 x D) loaded once, the
-    selection GEMM on mma.sync, 3 shuffles per fragment column, two 32-row block sums."""
+    """The proposed tensor-core pre-pass (issue 12 item 3; not in csrc yet, so TC_PREPASS is
+    False) + the shared scan: grid (N/64 key tiles, N/64 row tiles, B), 128 threads; per active
+    CTA Q_sel and K_sel tiles (64 x D) loaded once, the selection GEMM with the tensor-core
+    forward's tc_gemm_xyt, 3 shuffles per fragment column, two 32-row block sums."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
     w = 4
     nb = math.ceil(n / 64)
@@ -515,8 +516,8 @@ def selective_min_flops(s: Shape, backward: bool) -> float:
 # ---- whole calls -----------------------------------------------------------------------------
 
 def prefill_kernels(s: Shape, path: str, backward: bool) -> List[KernelCost]:
-    """Launches of one prefill call as launch.cu makes them ('tc' or 'simt' main kernel; the
-    tensor-core launchers also take the tensor-core pre-pass when TC_PREPASS)."""
+    """Launches of one prefill call as launch.cu makes them ('tc' or 'simt' main kernel; with
+    TC_PREPASS the tensor-core launchers' pre-pass is the proposed tensor-core one)."""
     ks = list(prepass_tc_costs(s) if path == "tc" and TC_PREPASS else prepass_costs(s))
     if backward:
         ks = bwd_side_costs(s)[:1] + ks + bwd_side_costs(s)[1:2]
