@@ -1,7 +1,10 @@
 // Selection pre-pass (DESIGN §4): Poff[b][I][j] = sum of S[k][j] over all query rows k in
 // blocks before block I (blocks of kTile rows). The forward and backward kernels get
 // F[i][j] = Poff[b][I][j] + (exclusive cumsum of S down the rows of block I), so F never
-// exists as an N x N tensor. Torch-free.
+// exists as an N x N tensor. One call covers the query blocks of one superchunk (dispatch.h):
+// Poff rows I - begin, from the carry (the column sums of all blocks before `begin`), which
+// it then advances past the superchunk, keeps, or first retreats to `begin` (the backward walks
+// the superchunks last to first). Torch-free.
 #pragma once
 
 #include "cuda/prefill/common.cuh"
@@ -11,23 +14,24 @@ namespace selattn::cuda {
 
 static_assert(kSelBlockRows == kTile, "Poff blocks are the SIMT tile rows");
 
-// Grid (column tiles, query blocks, batch). Writes Csum[b][I][j] = sum_{k in block I} S[k][j]
-// into poff for every j < N; the scan below turns it into the exclusive prefix over blocks.
+// Grid (column tiles, query blocks of the superchunk, batch). Writes Csum[b][I][j] =
+// sum_{k in block I} S[k][j] into poff row I - begin for every column tile the grid covers; the
+// scan below turns it into the exclusive prefix over blocks.
 template <typename T, int kNumChunks>
 __global__ void __launch_bounds__(kThreads)
-    selection_colsum_kernel(const PrefillParams p, acc_t<T>* __restrict__ poff) {
+    selection_colsum_kernel(const PrefillParams p, acc_t<T>* __restrict__ poff,
+                            const SuperChunk sc) {
   using A = acc_t<T>;
   SELATTN_SHARED(xs, SmemTile<A>);
   SELATTN_SHARED(ys, SmemTile<A>);
   SELATTN_SHARED(s_tile, SmemTile<A>);
   const int64_t n = p.seqlen;
-  const int64_t nqb = num_sel_blocks(n);
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
-  const int64_t qb = blockIdx.y;
+  const int64_t qb = sc.begin + blockIdx.y;
   const int64_t row0 = qb * kTile;
   const int64_t b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  A* csum = poff + (b * nqb + qb) * n;
+  A* csum = poff + (b * sc.stride + blockIdx.y) * n;
 
   // S[k][j] needs j < k <= row0 + kTile - 1: tiles from that column on are all zero. The exit
   // is uniform across the CTA, before any barrier.
@@ -47,34 +51,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per (b, j): exclusive prefix over the query blocks, in place.
+// What the scan does with the carry (B x N column sums of the blocks before some block).
+enum class CarryMode : int {
+  kKeep = 0,     // carry = sums before `begin`: Poff rows from it, carry unchanged
+  kAdvance = 1,  // the same, then carry += the superchunk's sums (= sums before `end`)
+  kRetreat = 2,  // carry = sums before `end`: first carry -= the superchunk's sums, then kKeep
+};
+
+// One thread per (b, j < ncols): exclusive prefix over the superchunk's query blocks, in place,
+// starting from the carry, summed in fp64 (dispatch.h, carry_bytes) and rounded per row.
+// Columns >= ncols have S = 0 in every row of the superchunk, so their carry stays what it was
+// (0 up to here) and their Poff rows are never read.
 template <typename A>
-__global__ void exclusive_scan_blocks_kernel(A* __restrict__ poff, int64_t batch, int64_t nqb,
-                                             int64_t n) {
+__global__ void exclusive_scan_blocks_kernel(A* __restrict__ poff, double* __restrict__ carry,
+                                             int64_t batch, int64_t n, int64_t ncols,
+                                             const SuperChunk sc, CarryMode mode) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= batch * n) return;
-  const int64_t b = idx / n, j = idx % n;
-  A* col = poff + b * nqb * n + j;
-  A run = A(0);
-  for (int64_t qb = 0; qb < nqb; ++qb) {
-    const A c = col[qb * n];
-    col[qb * n] = run;
+  if (idx >= batch * ncols) return;
+  const int64_t b = idx / ncols, j = idx % ncols;
+  A* col = poff + b * sc.stride * n + j;
+  const int64_t rows = sc.end - sc.begin;
+  double run = carry[b * n + j];
+  if (mode == CarryMode::kRetreat) {
+    double tot = 0.0;
+    for (int64_t r = 0; r < rows; ++r) tot += double(col[r * n]);
+    run -= tot;
+    carry[b * n + j] = run;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const double c = double(col[r * n]);
+    col[r * n] = A(run);
     run += c;
   }
+  if (mode == CarryMode::kAdvance) carry[b * n + j] = run;
 }
 
+// Poff rows of superchunk sc (and the carry per `mode`). The carry must have been zeroed before
+// the first call of a pass.
 template <typename T, int kNumChunks>
-cudaError_t launch_selection_prepass(const PrefillParams& p, acc_t<T>* poff,
-                                     cudaStream_t stream) {
-  const int64_t n = p.seqlen, nqb = num_sel_blocks(n);
-  if (nqb > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(unsigned(ceil_div(n, kTile)), unsigned(nqb), unsigned(p.batch));
+cudaError_t launch_selection_prepass(const PrefillParams& p, acc_t<T>* poff, double* carry,
+                                     const SuperChunk& sc, CarryMode mode, cudaStream_t stream) {
+  const int64_t n = p.seqlen;
+  if (sc.end - sc.begin > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
+  // Keys past the superchunk's last row are never selected by its rows.
+  const int64_t ncols = n < sc.end * kTile ? n : sc.end * kTile;
+  const dim3 grid(unsigned(ceil_div(ncols, kTile)), unsigned(sc.end - sc.begin),
+                  unsigned(p.batch));
   cudaError_t err = launch_kernel(selection_colsum_kernel<T, kNumChunks>, grid, dim3(kThreads), 0,
-                                  stream, p, poff);
+                                  stream, p, poff, sc);
   if (err != cudaSuccess) return err;
-  const int64_t cols = p.batch * n;
+  const int64_t cols = p.batch * ncols;
   return launch_kernel(exclusive_scan_blocks_kernel<acc_t<T>>, dim3(unsigned(ceil_div(cols, 256))),
-                       dim3(256), 0, stream, poff, p.batch, nqb, n);
+                       dim3(256), 0, stream, poff, carry, p.batch, n, ncols, sc, mode);
+}
+
+// The superchunk with index s (in 32-row query blocks).
+inline SuperChunk superchunk(const PrefillParams& p, int64_t s) {
+  const int64_t per = superchunk_blocks(p), nqb = num_sel_blocks(p.seqlen);
+  const int64_t begin = s * per;
+  return SuperChunk{begin, begin + per < nqb ? begin + per : nqb, per};
 }
 
 }  // namespace selattn::cuda
