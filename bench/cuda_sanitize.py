@@ -6,7 +6,8 @@
 Covers the prefill forward and backward (every dtype; head dims 1..256 across the SIMT chunk
 sizes; N not a multiple of the 32/64-row tiles; GQA; a transposed (B, N, H, D) layout; dlse
 given and null; for bf16/fp16 at head dims 32/64/96/128 both the tensor-core and the SIMT
-forward, and the SIMT and the opt-in tensor-core backward; the memory-loss output mem (mem_tau)
+forward, and the SIMT (opt-out) and the default tensor-core backward; several workspace
+superchunks (SELATTN_CUDA_SUPERCHUNK_BLOCKS=2); the memory-loss output mem (mem_tau)
 and its gradient dmem on some of these) and, when the op library has a CUDA decode kernel, token-by-token decoding and
 chunked prefill through the pruned cache. As a cheap smoke check it also compares every result
 with selattn_ext.reference (fp64) and fails on NaN/inf or a large error; the real accuracy
@@ -120,7 +121,7 @@ def prefill_case(dtype, b, hq, hkv, n, d, transposed=False, with_dlse=True, sel_
     stats = lse.dtype
     dlse = dlse64.to(stats).to(DEV) if with_dlse else None
     dmem = dmem64.to(stats).to(DEV) if mem_tau is not None else None
-    # The tensor-core backward is opt-in (SELATTN_CUDA_TC_BWD=1): run both where it exists.
+    # The tensor-core backward is the default (SELATTN_CUDA_TC_BWD=0 opts out): run both.
     for tc_bwd in ((False, True) if has_tc else (False,)):
         os.environ["SELATTN_CUDA_TC_BWD"] = "1" if tc_bwd else "0"
         try:
@@ -212,6 +213,19 @@ def main() -> int:
         except Exception as e:  # record and continue: later kernels still get sanitized
             failures.append(f"prefill {c}: {type(e).__name__}: {e}")
             print(f"FAIL prefill {c}: {type(e).__name__}: {e}")
+    # The bounded workspace with several superchunks (64 query rows each here): the carry, the
+    # backward's walk down the superchunks and the dF suffix sums handed between launches.
+    os.environ["SELATTN_CUDA_SUPERCHUNK_BLOCKS"] = "2"
+    try:
+        for c in ((torch.bfloat16, 2, 4, 2, 150, 64, False, True, 1, 1.0),
+                  (torch.float32, 1, 2, 1, 97, 40, False, True, 0, 1.0)):
+            try:
+                prefill_case(*c)
+            except Exception as e:
+                failures.append(f"prefill superchunks {c}: {type(e).__name__}: {e}")
+                print(f"FAIL prefill superchunks {c}: {type(e).__name__}: {e}")
+    finally:
+        os.environ.pop("SELATTN_CUDA_SUPERCHUNK_BLOCKS")
     try:
         decode_cases()
     except Exception as e:

@@ -34,6 +34,7 @@ import torch.nn.functional as F_nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import git_commit, machine_name, slug  # noqa: E402
+import roofline  # noqa: E402
 
 import selattn_ext  # noqa: E402
 
@@ -61,12 +62,20 @@ class Timer:
         return (time.perf_counter() - t0) / inner
 
 
+def randn(shape, gen, device, dtype):
+    """Normal values made on `device`: on CUDA from the device generator (seeded by
+    torch.manual_seed), so GB-sized caches need no host tensors; on the CPU from `gen`."""
+    if device == "cuda":
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
 def filled_cache(b, h, d, n, budget, dtype, device, gen):
     """A cache in the state after N tokens: BOS plus the most recent budget-1 tokens kept,
     positive F. Filled directly: decoding N tokens first would only cost setup time."""
     cache = selattn_ext.SelectiveKVCache(b, h, d, budget, dtype=dtype, device=device)
-    cache.k_cache.copy_(torch.randn(cache.k_cache.shape, generator=gen).to(dtype))
-    cache.v_cache.copy_(torch.randn(cache.v_cache.shape, generator=gen).to(dtype))
+    cache.k_cache.copy_(randn(cache.k_cache.shape, gen, device, dtype))
+    cache.v_cache.copy_(randn(cache.v_cache.shape, gen, device, dtype))
     kept = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(n - budget + 1, n)])
     cache.pos[:, :budget] = kept.to(device)
     cache.f[:, 1:budget] = torch.rand(b, budget - 1, generator=gen).to(cache.f)
@@ -78,8 +87,8 @@ class FullCache:
     """The full-length alternatives: every token kept (N + steps rows preallocated)."""
 
     def __init__(self, b, h, d, n, extra, dtype, device, gen, scale):
-        self.k = torch.randn(b, h, n + extra, d, generator=gen).to(device=device, dtype=dtype)
-        self.v = torch.randn(b, h, n + extra, d, generator=gen).to(device=device, dtype=dtype)
+        self.k = randn((b, h, n + extra, d), gen, device, dtype)
+        self.v = randn((b, h, n + extra, d), gen, device, dtype)
         f_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.f = torch.rand(b, n + extra, generator=gen).to(device=device, dtype=f_dtype)
         self.f[:, 0] = 0
@@ -132,27 +141,29 @@ def run(args):
     device, dtype = args.device, DTYPES[args.dtype]
     timer = Timer(device)
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the device generator behind randn() on CUDA
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
     scale = d ** -0.5
     elt = torch.empty((), dtype=dtype).element_size()
     bw = copy_bandwidth(device, timer) if device == "cuda" else None
     rows = []
     for b, n in [(b, n) for b in args.batch for n in args.n]:
-        budgets = [n // div for div in (32, 16, 8, 4, 2) if n // div >= 1]
+        budgets = ([m for m in args.budgets if m < n] if args.budgets else
+                   [n // div for div in (32, 16, 8, 4, 2) if n // div >= 1])
         steps = args.reps * args.inner + args.warmup * args.inner
-        full = FullCache(b, hkv, d, n, steps + 1, dtype, device, gen, scale)
+        full = None if args.no_full else FullCache(b, hkv, d, n, steps + 1, dtype, device, gen,
+                                                   scale)
         for budget in budgets:
             cache = filled_cache(b, hkv, d, n, budget, dtype, device, gen)
             q = torch.randn(b, h, 1, d, generator=gen).to(device=device, dtype=dtype)
             kn = torch.randn(b, hkv, 1, d, generator=gen).to(device=device, dtype=dtype)
             vn = torch.randn(b, hkv, 1, d, generator=gen).to(device=device, dtype=dtype)
-            fns = {
-                "ours": lambda: selattn_ext.decode(q, kn, vn, cache, scale=scale),
-                "eager_full": lambda: full.eager_step(q, kn, vn),
-                "sdpa_full": lambda: full.sdpa_step(q, kn, vn),
-            }
+            fns = {"ours": lambda: selattn_ext.decode(q, kn, vn, cache, scale=scale)}
+            if full is not None:
+                fns["eager_full"] = lambda: full.eager_step(q, kn, vn)
+                fns["sdpa_full"] = lambda: full.sdpa_step(q, kn, vn)
+                full.rewind()
             times = {name: [] for name in fns}
-            full.rewind()
             for rep in range(args.warmup + args.reps):
                 for name, fn in fns.items():  # alternate so load spikes hit all alike
                     if name != "ours":
@@ -165,19 +176,27 @@ def run(args):
                        dtype=args.dtype, device=device,
                        **{f"{name}_us": med[name] * 1e6 for name in med},
                        ours_tokens_per_s=b / med["ours"],
-                       eager_full_over_ours=med["eager_full"] / med["ours"],
-                       sdpa_full_over_ours=med["sdpa_full"] / med["ours"],
+                       eager_full_over_ours=med["eager_full"] / med["ours"] if full else None,
+                       sdpa_full_over_ours=med["sdpa_full"] / med["ours"] if full else None,
                        cache_bytes=cache.memory_bytes(),
                        full_cache_bytes=2 * b * hkv * n * d * elt + b * n * 4)
             if bw is not None:
                 moved = 2 * b * hkv * cache.slots * d * elt + b * cache.slots * 12
                 row["ours_gb_per_s"] = moved / med["ours"] / 1e9
                 row["ours_fraction_of_copy_bw"] = row["ours_gb_per_s"] / bw
+                # bench/roofline.py's bytes of a step (K/V once per kv head, F, pos, q, out)
+                # at the measured copy bandwidth: the time a memory-bound step could take.
+                ideal = roofline.decode_step_bytes(b, h, hkv, cache.slots, d, elt)["ideal_bytes"]
+                row["roofline_us"] = ideal / (bw * 1e9) * 1e6
+                row["ours_pct_of_roofline"] = 100.0 * row["roofline_us"] / row["ours_us"]
             rows.append(row)
             print(f"B={b:3d} N={n:6d} M={budget:6d}  ours {row['ours_us']:9.1f} us  "
-                  f"eager_full {row['eager_full_us']:9.1f} us ({row['eager_full_over_ours']:5.1f}x)"
-                  f"  sdpa_full {row['sdpa_full_us']:9.1f} us ({row['sdpa_full_over_ours']:5.1f}x)"
-                  + (f"  {row['ours_gb_per_s']:.0f} GB/s" if bw else ""), flush=True)
+                  + (f"eager_full {row['eager_full_us']:9.1f} us ({row['eager_full_over_ours']:5.1f}x)"
+                     f"  sdpa_full {row['sdpa_full_us']:9.1f} us ({row['sdpa_full_over_ours']:5.1f}x)"
+                     if full else "")
+                  + (f"  {row['ours_gb_per_s']:.0f} GB/s ({row['ours_fraction_of_copy_bw']:.2f} of "
+                     f"copy, {row['ours_pct_of_roofline']:.0f}% of roofline)" if bw else ""),
+                  flush=True)
     return rows, bw
 
 
@@ -248,7 +267,8 @@ def markdown(rows, meta) -> str:
     cols = ["batch", "n", "budget", "ours_us", "eager_full_us", "sdpa_full_us", "eager_full_over_ours",
             "sdpa_full_over_ours", "ours_tokens_per_s", "cache_bytes", "full_cache_bytes"]
     if rows and "ours_gb_per_s" in rows[0]:
-        cols += ["ours_gb_per_s", "ours_fraction_of_copy_bw"]
+        cols += ["ours_gb_per_s", "ours_fraction_of_copy_bw", "roofline_us",
+                 "ours_pct_of_roofline"]
     lines = [f"# decode step: {meta['machine']} ({meta['device']}), {meta['date']}, "
              f"commit {meta['commit']}", "",
              f"B={meta['batch']} Hq={meta['heads']} Hkv={meta['kv_heads']} D={meta['head_dim']} "
@@ -260,7 +280,8 @@ def markdown(rows, meta) -> str:
                 else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        cells = [f"{r.get(c):.2f}" if isinstance(r.get(c), float) else
+                 ("" if r.get(c) is None else str(r[c])) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -277,6 +298,10 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--budgets", type=int, nargs="+", default=None,
+                    help="budgets to time (those below each N); default N/32 .. N/2")
+    ap.add_argument("--no-full", action="store_true",
+                    help="time only the pruned cache (no full-length baselines: a budget sweep)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--inner", type=int, default=5, help="steps per timed run")

@@ -2,6 +2,7 @@
 
     python examples/train_tiny_lm.py --steps 300             # selective attention
     python examples/train_tiny_lm.py --steps 300 --baseline  # plain causal attention, same size
+    torchrun --nproc-per-node 2 examples/train_tiny_lm.py --parallel fsdp  # or ddp, tp, cp
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", action="store_true", help="plain causal attention instead")
     p.add_argument("--save", default=None, help="path to save the state dict")
+    p.add_argument("--parallel", choices=("fsdp", "ddp", "tp", "cp"), default=None,
+                   help="under torchrun: data (fsdp, ddp), tensor (tp) or context (cp) "
+                        "parallelism (examples/distributed_lm.py)")
     args = p.parse_args()
+    if args.parallel:
+        return main_parallel(args)
     train_data, val_data, counts = load_stdlib_bytes()
     print(f"data: {counts}")
     cfg = TinyLMConfig(dim=args.dim, layers=args.layers, heads=args.heads,
@@ -85,6 +91,26 @@ def main() -> None:
     print(f"validation loss: {evaluate(model, val_data, args.context, 8, args.batch):.4f} nats/byte")
     if args.save:
         torch.save({"config": cfg.__dict__, "state_dict": model.state_dict()}, args.save)
+
+
+def main_parallel(args) -> None:
+    """--parallel: the same training on torch.distributed (gloo on CPUs, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    from distributed_lm import init_distributed, train_parallel
+
+    rank, world, device = init_distributed()
+    train_data, _, _ = load_stdlib_bytes()
+    cfg = TinyLMConfig(dim=args.dim, layers=args.layers, heads=args.heads,
+                       selective=not args.baseline, context=args.context)
+    try:
+        _, losses, sec = train_parallel(cfg, args.parallel, args.steps, args.batch, args.lr,
+                                        args.seed, train_data)
+        if rank == 0:
+            print(f"{args.parallel} on {world} processes ({device.type}): {args.steps} steps, "
+                  f"final loss {losses[-1]:.4f}, {args.batch * args.context / sec:.0f} tokens/s")
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -151,9 +151,13 @@ def test_prefill_kernels_match_the_reference(emu, case):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("case", cases.ci_varlen_cases(),
+_VARLEN_CI = cases.ci_varlen_cases() + cases.superchunk_varlen_cases()[:1]
+
+
+@pytest.mark.parametrize("case", _VARLEN_CI,
                          ids=[f"{c.path}-{cases.NAMES[c.dtype]}-d{c.head_dim}"
-                              for c in cases.ci_varlen_cases()])
+                              + ("-superchunks" if c.superchunk_blocks else "")
+                              for c in _VARLEN_CI])
 def test_varlen_kernels_match_the_reference_per_sequence(emu, case):
     # Packed ragged batches (cu_seqlens): each sequence against the fp64 reference run alone.
     records = cases.check_varlen(emu, case)

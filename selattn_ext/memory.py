@@ -24,8 +24,9 @@ __all__ = ["memory_from_rowsum", "memory_loss"]
 
 def memory_from_rowsum(rowsum: Tensor, tau: float) -> Tensor:
     """M (B, N) from ``R[b, i] = sum_{j <= i} min(F[b, i, j], tau)`` (B, N)."""
-    n = rowsum.shape[-1]
-    count = torch.arange(1, n + 1, dtype=rowsum.dtype, device=rowsum.device)
+    # (i + 1) as a cumsum of ones_like: stays a DTensor with rowsum's placement (batch-sharded
+    # or replicated) when rowsum is one, where a fresh arange would be a plain tensor.
+    count = torch.ones_like(rowsum).cumsum(-1)
     return count - rowsum / tau
 
 

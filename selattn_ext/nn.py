@@ -116,6 +116,12 @@ class SelectiveSelfAttention(nn.Module):
                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        if (getattr(self.qkv, "_selattn_tp", None) is not None
+                or getattr(self, "_selattn_cp", None) is not None):
+            # Set by selattn_ext.distributed (tp_plan / enable_context_parallel).
+            from .distributed import module_forward
+            return module_forward(self, x, cache, lengths=lengths, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
         b, n, _ = x.shape
         if cu_seqlens is not None:
             return self._forward_packed(x, cache, lengths, cu_seqlens, max_seqlen)

@@ -86,10 +86,16 @@ def _prefill_setup_context(ctx, inputs, output):
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, q_sel, k_sel, out, lse)
     ctx.scale, ctx.mem_tau = scale, mem_tau
+    # Unused outputs' gradients arrive as None rather than as materialised zeros: the kernel
+    # skips a None dlse, and a zeros tensor would be a plain Tensor even when the outputs are
+    # DTensors (which the op refuses to mix).
+    ctx.set_materialize_grads(False)
 
 
 def _prefill_backward(ctx, dout, dlse, dmem):
     q, k, v, q_sel, k_sel, out, lse = ctx.saved_tensors
+    if dout is None:  # only lse or mem reached the loss
+        dout = torch.zeros_like(out)
     # Incoming gradients may be expanded or transposed (e.g. from .sum()); the op only needs a
     # contiguous last dim, which keeps the common case copy-free.
     dout = _last_dim_contiguous(dout)
@@ -191,10 +197,13 @@ def _prefill_varlen_setup_context(ctx, inputs, output):
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, q_sel, k_sel, cu_seqlens, out, lse)
     ctx.max_seqlen, ctx.scale, ctx.mem_tau = max_seqlen, scale, mem_tau
+    ctx.set_materialize_grads(False)  # as in _prefill_setup_context
 
 
 def _prefill_varlen_backward(ctx, dout, dlse, dmem):
     q, k, v, q_sel, k_sel, cu_seqlens, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
     dout = _last_dim_contiguous(dout)
     if ctx.mem_tau is None:
         dmem = None

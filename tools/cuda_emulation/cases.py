@@ -9,7 +9,9 @@ oracle in fp64 on the same (rounded) inputs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,10 +38,31 @@ class PrefillCase:
     sink: bool = False  # key 0 very attractive: long suffix sums in the backward
     path: str = "simt"
     seed: int = 0
+    # Query blocks (32 rows) per superchunk of the bounded Poff workspace, forced through
+    # SELATTN_CUDA_SUPERCHUNK_BLOCKS (None: the launcher's own choice, one superchunk here).
+    superchunk_blocks: Optional[int] = None
 
     @property
     def shape(self):
         return [self.batch, self.heads_q, self.heads_kv, self.seqlen, self.head_dim]
+
+
+@contextlib.contextmanager
+def superchunk_env(blocks: Optional[int]):
+    """SELATTN_CUDA_SUPERCHUNK_BLOCKS=blocks while the emulated launcher runs (read per call)."""
+    name = "SELATTN_CUDA_SUPERCHUNK_BLOCKS"
+    saved = os.environ.get(name)
+    if blocks is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(blocks)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _inputs(c: PrefillCase):
@@ -107,11 +130,13 @@ def check_prefill(emu, c: PrefillCase, backward: bool = True) -> list:
     low = c.dtype if c.dtype != torch.float64 else torch.float64
     olo, lselo, memlo, glo, _ = _reference(c, q, k, v, qs, ks, dout, dlse, dmem, low)
     assert f64.max().item() > 1.0, "inputs too tame: F never exceeds 1"
-    res = emu.prefill_fwd(q, k, v, qs, ks, scale, c.mem_tau, path=c.path)
+    with superchunk_env(c.superchunk_blocks):
+        res = emu.prefill_fwd(q, k, v, qs, ks, scale, c.mem_tau, path=c.path)
     out, lse = res[0], res[1]
     base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
                 sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
-                mem_tau=c.mem_tau, dlse=c.dlse, sink=c.sink)
+                mem_tau=c.mem_tau, dlse=c.dlse, sink=c.sink,
+                superchunk_blocks=c.superchunk_blocks)
     records = []
 
     def rec(kernel, name, ours, oracle, eager, factor):
@@ -127,10 +152,11 @@ def check_prefill(emu, c: PrefillCase, backward: bool = True) -> list:
     if c.mem_tau:
         rec(kf, "mem", res[2], mem64, memlo, 2)
     if backward:
-        grads = emu.prefill_bwd(dout, q, k, v, qs, ks, out, lse,
-                                dlse.to(lse.dtype) if dlse is not None else None, scale,
-                                dmem.to(lse.dtype) if dmem is not None else None, c.mem_tau,
-                                path=c.path)
+        with superchunk_env(c.superchunk_blocks):
+            grads = emu.prefill_bwd(dout, q, k, v, qs, ks, out, lse,
+                                    dlse.to(lse.dtype) if dlse is not None else None, scale,
+                                    dmem.to(lse.dtype) if dmem is not None else None, c.mem_tau,
+                                    path=c.path)
         for name, ours, oracle, eager in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), grads, g64,
                                              glo):
             rec(f"{c.path}_bwd", name, ours, oracle, eager, 3)
@@ -221,7 +247,28 @@ def ci_prefill_cases():
     for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
         cases.append(PrefillCase(dt, d, seqlen=70, heads_q=2, heads_kv=1, sel_head=1,
                                  path="tc", dlse=d == 64, mem_tau=1.0 if d == 32 else None))
+    # Bounded workspace: 64-row superchunks (3 of them, the last one partial), both paths.
+    cases += superchunk_cases()[:2]
     return cases
+
+
+def superchunk_cases():
+    """Superchunks of the bounded Poff workspace forced small: the carry between them, the
+    backward's walk from the last to the first, the dF suffix sums handed between launches."""
+    return [
+        PrefillCase(torch.bfloat16, 64, batch=2, seqlen=150, heads_q=2, heads_kv=1, sel_head=1,
+                    mem_tau=1.2, dlse=True, path="tc", seed=30, superchunk_blocks=2),
+        PrefillCase(torch.float32, 40, batch=2, seqlen=150, heads_q=2, heads_kv=1, sel_head=1,
+                    mem_tau=1.2, dlse=True, path="simt", seed=31, superchunk_blocks=2),
+        PrefillCase(torch.float16, 128, batch=1, seqlen=200, heads_q=4, heads_kv=2, sel_head=3,
+                    path="tc", seed=32, superchunk_blocks=4),
+        PrefillCase(torch.bfloat16, 32, batch=1, seqlen=97, heads_q=2, heads_kv=2,
+                    explicit_sel=True, path="tc", seed=33, superchunk_blocks=2),
+        PrefillCase(torch.float64, 7, batch=2, seqlen=200, heads_q=4, heads_kv=2, sel_head=2,
+                    mem_tau=0.8, path="simt", seed=34, superchunk_blocks=4),
+        PrefillCase(torch.bfloat16, 96, batch=1, seqlen=130, heads_q=2, heads_kv=1, sel_head=0,
+                    path="simt", seed=35, superchunk_blocks=2),
+    ]
 
 
 def ci_decode_cases():
@@ -244,6 +291,7 @@ def full_prefill_cases():
                                  path="tc", seed=13))
         cases.append(PrefillCase(dt, d, batch=1, seqlen=129, heads_q=2, heads_kv=1,
                                  explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=14))
+    cases += superchunk_cases()[2:]
     # fp16 tensor-core backward, long N with an attention sink: dA's suffix sums grow with N.
     cases.append(PrefillCase(torch.float16, 64, seqlen=1024, heads_q=1, heads_kv=1, sel_head=0,
                              sink=True, path="tc", seed=15))
@@ -278,6 +326,7 @@ class VarlenCase:
     path: str = "simt"
     seed: int = 0
     layout: str = "varlen"  # in repr(), so run_all.py --only varlen selects these
+    superchunk_blocks: Optional[int] = None  # as PrefillCase: forces several superchunks
 
     @property
     def shape(self):
@@ -380,7 +429,9 @@ def check_varlen(emu, c: VarlenCase, backward: bool = True) -> list:
     if c.seqlen >= 40:
         assert fmax > 1.0, "inputs too tame: F never exceeds 1"
     cu = _cu(c.lengths)
-    res = emu.prefill_varlen_fwd(q, k, v, qs, ks, cu, c.seqlen, scale, c.mem_tau, path=c.path)
+    with superchunk_env(c.superchunk_blocks):
+        res = emu.prefill_varlen_fwd(q, k, v, qs, ks, cu, c.seqlen, scale, c.mem_tau,
+                                     path=c.path)
     out, lse = res[0], res[1]
     base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
                 sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
@@ -400,10 +451,11 @@ def check_varlen(emu, c: VarlenCase, backward: bool = True) -> list:
     if c.mem_tau:
         rec(kf, "mem", res[2], mem64, memlo, 2)
     if backward and g64 is not None:
-        grads = emu.prefill_varlen_bwd(dout, q, k, v, qs, ks, cu, c.seqlen, out, lse,
-                                       dlse.to(lse.dtype) if dlse is not None else None, scale,
-                                       dmem.to(lse.dtype) if dmem is not None else None,
-                                       c.mem_tau, path=c.path)
+        with superchunk_env(c.superchunk_blocks):
+            grads = emu.prefill_varlen_bwd(dout, q, k, v, qs, ks, cu, c.seqlen, out, lse,
+                                           dlse.to(lse.dtype) if dlse is not None else None,
+                                           scale, dmem.to(lse.dtype) if dmem is not None else None,
+                                           c.mem_tau, path=c.path)
         for name, ours, oracle, eager in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), grads, g64,
                                              glo):
             rec(f"{c.path}_bwd_varlen", name, ours, oracle, eager, 3)
@@ -448,4 +500,19 @@ def full_varlen_cases():
     cases.append(VarlenCase(torch.float16, 32, (1, 1, 0, 1), path="tc", seed=45))
     cases.append(VarlenCase(torch.bfloat16, 64, (193,), heads_q=2, heads_kv=1, path="tc",
                             dlse=True, seed=46))
+    # Bounded workspace and varlen together: 64-row superchunks over the longest sequence, the
+    # shorter ones ending inside or before the later superchunks.
+    cases += superchunk_varlen_cases()
     return cases
+
+
+def superchunk_varlen_cases():
+    return [
+        VarlenCase(torch.float32, 40, (150, 0, 1, 70, 33, 200), heads_q=4, heads_kv=2, sel_head=1,
+                   mem_tau=1.0, dlse=True, path="simt", seed=47, superchunk_blocks=2),
+        VarlenCase(torch.bfloat16, 64, (130, 1, 0, 64, 190), heads_q=2, heads_kv=1,
+                   explicit_sel=True, mem_tau=1.2, dlse=True, path="tc", seed=48,
+                   superchunk_blocks=2),
+        VarlenCase(torch.float16, 32, (70, 129, 5), heads_q=2, heads_kv=2, path="tc", seed=49,
+                   superchunk_blocks=4),
+    ]

@@ -264,6 +264,13 @@ class Emulation:
         lib.selattn_emu_widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                           ctypes.c_void_p, ctypes.c_void_p]
         lib.selattn_emu_stats.argtypes = [i64p]
+        i64 = ctypes.c_int64
+        lib.selattn_emu_prefill_workspace_bytes.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64,
+                                                            ctypes.c_int]
+        lib.selattn_emu_prefill_workspace_bytes.restype = ctypes.c_size_t
+        lib.selattn_emu_prefill_superchunk_blocks.argtypes = [i64, i64, i64, i64, i64,
+                                                              ctypes.c_int]
+        lib.selattn_emu_prefill_superchunk_blocks.restype = i64
         self._lock = threading.Lock()
 
     # -- diagnostics
@@ -360,6 +367,19 @@ class Emulation:
                                    fb.data_ptr())
         return fh, fb
 
+    # -- host-side sizes of the real launcher (no kernel runs)
+    def prefill_workspace_bytes(self, backward: bool, batch: int, heads_q: int, heads_kv: int,
+                                seqlen: int, head_dim: int, dtype: torch.dtype) -> int:
+        """prefill_{fwd,bwd}_workspace_bytes of csrc/cuda/prefill/launch.cu."""
+        return int(self.lib.selattn_emu_prefill_workspace_bytes(
+            int(backward), batch, heads_q, heads_kv, seqlen, head_dim, DTYPE_CODE[dtype]))
+
+    def prefill_superchunk_blocks(self, batch: int, heads_q: int, heads_kv: int, seqlen: int,
+                                  head_dim: int, dtype: torch.dtype) -> int:
+        """32-row query blocks per superchunk (csrc/cuda/prefill/dispatch.h)."""
+        return int(self.lib.selattn_emu_prefill_superchunk_blocks(
+            batch, heads_q, heads_kv, seqlen, head_dim, DTYPE_CODE[dtype]))
+
     # -- the ops
     def _set_path(self, path: str, q: torch.Tensor, tensors: Sequence[torch.Tensor]):
         if path not in ("simt", "tc"):
@@ -375,7 +395,7 @@ class Emulation:
             if why:
                 raise ValueError(f"the tensor-core path does not apply: {why}")
             os.environ.pop("SELATTN_CUDA_FORCE_SIMT", None)
-            os.environ["SELATTN_CUDA_TC_BWD"] = "1"
+            os.environ.pop("SELATTN_CUDA_TC_BWD", None)  # the default: tensor-core backward
         else:
             os.environ["SELATTN_CUDA_FORCE_SIMT"] = "1"
             os.environ.pop("SELATTN_CUDA_TC_BWD", None)

@@ -97,7 +97,8 @@ def write_markdown(json_path: str) -> str:
              f"{summ['cases']} records, {summ['failed']} failed, "
              f"{summ['sanitizer_reports']} sanitizer reports, {summ['seconds']} s. Each record is "
              "one output of one case against the fp64 reference (tolerance: FlashAttention's "
-             "rule, DESIGN §7); `python tools/cuda_emulation/run_all.py`.", "",
+             "rule, DESIGN §7); `python tools/cuda_emulation/run_all.py`."
+             + (f" **Partial run: {summ['partial']}.**" if summ.get("partial") else ""), "",
              "| kernel | dtype | records | failed | worst err/tol | sanitizer reports |",
              "|---|---|---|---|---|---|"]
     for (kernel, dtype), row in sorted(rows.items()):
@@ -137,6 +138,9 @@ def main() -> int:
     ap.add_argument("--no-long", action="store_true",
                     help="skip the long-N cases (for the slower sanitizer builds)")
     ap.add_argument("--only", help="run only cases whose description contains this")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the records already in --json and run only the missing cases "
+                         "(the file is rewritten after every case, so a long run can stop)")
     args = ap.parse_args()
     if args.sanitize and os.environ.get("SELATTN_EMU_PRELOADED") != "1":
         _reexec_with_runtime(args.sanitize)
@@ -156,11 +160,46 @@ def main() -> int:
         work = [(k, c) for k, c in work if args.only in repr(c)]
     if args.no_long:
         work = [(k, c) for k, c in work if getattr(c, "seqlen", 0) < 512]
-    records = []
+    # The commit is taken now: the tree may move on while a long sanitizer run goes.
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "csrc", "tools"],
+                           capture_output=True, text=True).stdout.strip()
+    commit += "+dirty" if dirty else ""
+    records, done, elapsed = [], set(), 0.0
+    if args.resume and os.path.exists(args.json):
+        with open(args.json) as fh:
+            old = json.load(fh)
+        if old["summary"]["sanitizer"] != (args.sanitize or "none"):
+            sys.exit(f"--resume: {args.json} was written with another sanitizer")
+        if old["summary"]["commit"] != commit:
+            sys.exit(f"--resume: {args.json} is of commit {old['summary']['commit']}, "
+                     f"the tree is at {commit}")
+        records = [r for r in old["records"] if r["kernel"] != "planted_defect"]
+        done = {r["case"] for r in records if "case" in r}
+        elapsed = old["summary"]["seconds"]
+    work = [(k, c) for k, c in work if repr(c) not in done]
     counter = StderrCounter() if args.sanitize else None
-    start = time.time()
+    start = time.time() - elapsed
+
+    def write(partial: bool) -> dict:
+        summary = dict(commit=commit, date=time.strftime("%Y-%m-%d"), machine=_machine(),
+                       cases=len(records), failed=sum(not r["passed"] for r in records),
+                       sanitizer=args.sanitize or "none",
+                       sanitizer_reports=sum(r.get("sanitizer_reports", 0) for r in records),
+                       seconds=round(time.time() - start, 1))
+        if partial:
+            summary["partial"] = f"{len(work) - ran} of {len(work)} remaining cases not run yet"
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(dict(summary=summary, records=records), fh, indent=1, default=str)
+        os.replace(tmp, args.json)
+        return summary
+
+    ran = 0
     try:
-        if args.sanitize == "thread":
+        if args.sanitize == "thread" and not any(
+                r["kernel"] == "race_checker_self_test" for r in records):
             # The race checker itself: one unordered write/read pair must be reported, the same
             # pair behind a __syncthreads must not.
             out = torch.zeros(4, dtype=torch.int32)
@@ -188,6 +227,7 @@ def main() -> int:
                                     passed=False)], f"{type(exc).__name__}: {exc}"[:2000]
             san, text = counter.take() if counter else (0, "")
             for r in recs:
+                r["case"] = repr(c)
                 r["sanitizer"] = args.sanitize or "none"
                 r["sanitizer_reports"] = san
                 r["runtime_reports"] = 0 if error is None or "report" not in error else 1
@@ -200,6 +240,8 @@ def main() -> int:
             records.extend(recs)
             status = "ok" if all(r["passed"] for r in recs) else "FAIL"
             print(f"{status:4} {kind:7} {c} {time.time() - t0:.1f}s", file=sys.stdout, flush=True)
+            ran += 1
+            write(partial=True)
         if args.defects is not None:
             for name in args.defects or list(emulated.DEFECTS):
                 t0 = time.time()
@@ -231,18 +273,7 @@ def main() -> int:
     finally:
         if counter:
             counter.close()
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "csrc", "tools"],
-                           capture_output=True, text=True).stdout.strip()
-    summary = dict(commit=commit + ("+dirty" if dirty else ""), date=time.strftime("%Y-%m-%d"),
-                   machine=_machine(), cases=len(records),
-                   failed=sum(not r["passed"] for r in records),
-                   sanitizer=args.sanitize or "none",
-                   sanitizer_reports=sum(r.get("sanitizer_reports", 0) for r in records),
-                   seconds=round(time.time() - start, 1))
-    with open(args.json, "w") as fh:
-        json.dump(dict(summary=summary, records=records), fh, indent=1, default=str)
+    summary = write(partial=False)
     print(json.dumps(summary))
     print("wrote", write_markdown(args.json))
     return 1 if summary["failed"] else 0

@@ -11,6 +11,7 @@
 #include "cuda/arch.cuh"
 #include "cuda/decode/launch.h"
 #include "cuda/emulation/runtime.h"
+#include "cuda/prefill/dispatch.h"
 #include "cuda/prefill/launch.h"
 #include "decode_params.h"
 #include "prefill_params.h"
@@ -188,6 +189,16 @@ size_t selattn_emu_prefill_workspace_bytes(int backward, int64_t batch, int64_t 
   p.head_dim = head_dim;
   return backward ? selattn::cuda::prefill_bwd_workspace_bytes(p)
                   : selattn::cuda::prefill_fwd_workspace_bytes(p);
+}
+
+// 32-row query blocks per superchunk of the CUDA prefill (its bounded Poff workspace).
+int64_t selattn_emu_prefill_superchunk_blocks(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                              int64_t seqlen, int64_t head_dim, int dtype) {
+  selattn::PrefillParams p{};
+  p.dtype = static_cast<DType>(dtype);
+  p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv, p.seqlen = seqlen,
+  p.head_dim = head_dim;
+  return selattn::cuda::superchunk_blocks(p);
 }
 
 // ---- decode: the real launcher -----------------------------------------------------------

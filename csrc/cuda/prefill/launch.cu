@@ -2,8 +2,10 @@
 // kernels. Every dtype and head dim 1..256 has the SIMT path (instantiations/prefill_simt_*.cu);
 // the bf16/fp16 forward at head dims 32/64/96/128 takes the tensor-core path (prefill_tc_fwd_*)
 // unless SELATTN_CUDA_FORCE_SIMT=1 is set (read at every call, so tests can compare the two).
-// The tensor-core backward (prefill_tc_bwd_*, same dtypes and head dims) is opt-in with
-// SELATTN_CUDA_TC_BWD=1 until a GPU run has validated it. Every one of these kernels also
+// The tensor-core backward (prefill_tc_bwd_*, same dtypes and head dims) is the default there
+// too; SELATTN_CUDA_TC_BWD=0 opts out (the SIMT backward), e.g. to compare the two or should a
+// GPU run disagree with the emulated matrix (bench/results/cuda_emulation_*), which it passes.
+// Every one of these kernels also
 // implements the memory-loss output (PrefillParams::mem) and its gradient (dmem) itself, in
 // its head-0 CTAs, so a mem_tau request takes the same path as a plain call.
 #include <cuda_bf16.h>
@@ -32,7 +34,7 @@ bool prefill_grid_fits(int64_t batch, int64_t heads_q, int64_t seqlen) {
   return batch <= 65535 && heads_q <= 65535 && seqlen <= prefill_max_seqlen();
 }
 
-size_t prefill_fwd_workspace_bytes(const PrefillParams& p) { return poff_bytes(p); }
+size_t prefill_fwd_workspace_bytes(const PrefillParams& p) { return fwd_workspace_bytes(p); }
 
 size_t prefill_bwd_workspace_bytes(const PrefillParams& p) { return bwd_layout(p).total; }
 
@@ -45,10 +47,12 @@ bool workspace_ok(const PrefillParams& p, size_t needed) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-bool env_is_1(const char* name) {
+bool env_is(const char* name, const char* want) {
   const char* value = std::getenv(name);
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return value != nullptr && std::strcmp(value, want) == 0;
 }
+
+bool env_is_1(const char* name) { return env_is(name, "1"); }
 
 // The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
 // aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
@@ -69,7 +73,7 @@ bool tc_fwd_eligible(const PrefillParams& p) {
 
 // The backward also loads dout rows 16 bytes at a time.
 bool tc_bwd_eligible(const PrefillParams& p) {
-  if (!env_is_1("SELATTN_CUDA_TC_BWD") || !tc_fwd_eligible(p)) return false;
+  if (env_is("SELATTN_CUDA_TC_BWD", "0") || !tc_fwd_eligible(p)) return false;
   return p.dout_batch_stride % 8 == 0 && p.dout_head_stride % 8 == 0 &&
          p.dout_row_stride % 8 == 0 && aligned16(p.dout);
 }

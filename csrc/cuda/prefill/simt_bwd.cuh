@@ -20,6 +20,14 @@
 // many key blocks; dk, dv from the heads of a GQA group; dk_sel from every head) and converted
 // into the output tensors by store_accumulated_kernel afterwards.
 //
+// Superchunks (dispatch.h): one launch per superchunk of query blocks, last to first, each
+// CTA walking only that superchunk's blocks; the per-key dF suffix sum is handed from one launch
+// to the next through the workspace (dsuf), the key-side sums are added by atomics per launch.
+// Before the first launch the pre-pass runs forward over all lower superchunks (same additions
+// as the forward's, so the top superchunk's Poff has the forward's bits); each later superchunk
+// retreats the carry by its own column sums (another rounding than the forward's: F, and so P,
+// of lower superchunks can differ from the forward's in the last bits).
+//
 // Varlen (p.cu_seqlens): the main kernels resolve each batch element's rows (seq_rows) and
 // exit in CTAs past its end; the per-row prologue and epilogue kernels need no sequence
 // boundaries and run over the packed rows as one sequence of total_rows (packed_as_one).
@@ -54,20 +62,21 @@ __global__ void __launch_bounds__(kThreads)
 // Workspace accumulators of one backward call, contiguous, in the accumulator type.
 template <typename A>
 struct BwdAccum {
-  const A* poff;  // (B, nqb, N)
+  const A* poff;  // (B, superchunk_blocks, N): one superchunk
   const A* dl;    // (B, Hq, N)
   A* dq;          // (B, Hq, N, D)
   A* dk;          // (B, Hkv, N, D)
   A* dv;          // (B, Hkv, N, D)
   A* dq_sel;      // (B, N, D)
   A* dk_sel;      // (B, N, D)
+  A* dsuf;        // (B, Hq, N): dF suffix sum per key, handed between superchunk launches
 };
 
 // kDirect: add the key-side partial sums to the workspace after every tile instead of keeping
 // them in registers (3 x 4 x kNumChunks fp64 accumulators per thread spill from head_dim 65 on).
 template <typename T, int kNumChunks, bool kDirect>
 __global__ void __launch_bounds__(kThreads, 1)
-    simt_bwd_kernel(const PrefillParams p, const BwdAccum<acc_t<T>> ws) {
+    simt_bwd_kernel(const PrefillParams p, const BwdAccum<acc_t<T>> ws, const SuperChunk sc) {
   using A = acc_t<T>;
   // xs/ys: staged chunks; s_tile: S, then dA; p_tile: F, then P; dl_tile: dL.
   SELATTN_SHARED(xs, SmemTile<A>);
@@ -84,7 +93,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t n = rows.n, s0 = rows.start;
   if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t nqb = num_sel_blocks(n);  // this sequence's query blocks
-  const int64_t poff_nqb = num_sel_blocks(p.seqlen);  // Poff's layout
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const A scale = A(p.scale);
   const bool add_mem = h == 0 && p.dmem != nullptr && p.mem_tau > 0;
@@ -120,11 +128,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int kc = 0; kc < kHeld; ++kc) dv_acc[u][kc] = dk_acc[u][kc] = dks_acc[u][kc] = A(0);
 
-  A dl_suffix = A(0);  // warp 0, lane c: sum of dL[i][col0 + c] over the rows already walked
+  // Warp 0, lane c: sum of dL[i][col0 + c] over the rows already walked (earlier launches'
+  // superchunks included).
+  A* dsuf = ws.dsuf + stats_offset(p, b, h, p.heads_q, rows) + col0 + lane;
+  A dl_suffix = warp == 0 && col0 + lane < n ? *dsuf : A(0);
 
-  for (int64_t qb = nqb - 1; qb >= kb; --qb) {
+  const int64_t qb_last = kb > sc.begin ? kb : sc.begin;
+  const int64_t qb_end = sc.end < nqb ? sc.end : nqb;  // varlen: this sequence's blocks only
+  if (qb_end <= qb_last) return;  // no query block of this sequence here (uniform per CTA)
+  for (int64_t qb = qb_end - 1; qb >= qb_last; --qb) {
     const int64_t row0 = qb * kTile;
-    const A* poff_block = ws.poff + (b * poff_nqb + qb) * p.seqlen;
+    const A* poff_block = ws.poff + (b * sc.stride + qb - sc.begin) * p.seqlen;
 
     // S tile.
     selection_tile<kNumChunks>(s_tile, xs, ys, q_sel, p.q_sel_row_stride, k_sel,
@@ -249,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  if (warp == 0 && col0 + lane < n) *dsuf = dl_suffix;
   if constexpr (!kDirect) {
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
@@ -307,6 +322,7 @@ BwdAccum<A> bwd_accum(const PrefillParams& p) {
   ws.dv = reinterpret_cast<A*>(base + layout.dv);
   ws.dq_sel = reinterpret_cast<A*>(base + layout.dq_sel);
   ws.dk_sel = reinterpret_cast<A*>(base + layout.dk_sel);
+  ws.dsuf = reinterpret_cast<A*>(base + layout.dsuf);
   return ws;
 }
 
@@ -320,7 +336,9 @@ inline PrefillParams packed_as_one(const PrefillParams& p) {
   return one;
 }
 
-// Before the main backward kernel (SIMT or tensor-core): zero the accumulators, Poff, Dl.
+// Before the main backward kernels (SIMT or tensor-core): zero the accumulators and the carry,
+// Dl, then the pre-pass forward over every superchunk below the top one (only to bring the
+// carry to the top superchunk's first block).
 template <typename T, int kNumChunks>
 cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -330,13 +348,29 @@ cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(base + layout.accum_begin, 0,
                                     layout.total - layout.accum_begin, stream);
   if (err != cudaSuccess) return err;
-  err = launch_selection_prepass<T, kNumChunks>(p, reinterpret_cast<A*>(base + layout.poff),
-                                                stream);
+  err = cudaMemsetAsync(base + layout.carry, 0, carry_bytes(p), stream);
   if (err != cudaSuccess) return err;
   const PrefillParams flat = packed_as_one(p);
   const int64_t rows = flat.batch * flat.heads_q * flat.seqlen;
-  return launch_kernel(softmax_grad_rowsum_kernel<T>, dim3(unsigned(ceil_div(rows, kWarps))),
-                       dim3(kThreads), 0, stream, flat, reinterpret_cast<A*>(base + layout.dl));
+  err = launch_kernel(softmax_grad_rowsum_kernel<T>, dim3(unsigned(ceil_div(rows, kWarps))),
+                      dim3(kThreads), 0, stream, flat, reinterpret_cast<A*>(base + layout.dl));
+  for (int64_t s = 0; s + 1 < num_superchunks(p) && err == cudaSuccess; ++s)
+    err = launch_selection_prepass<T, kNumChunks>(p, reinterpret_cast<A*>(base + layout.poff),
+                                                  reinterpret_cast<double*>(base + layout.carry),
+                                                  superchunk(p, s), CarryMode::kAdvance, stream);
+  return err;
+}
+
+// Poff of superchunk s for the backward's walk from the last superchunk to the first.
+template <typename T, int kNumChunks>
+cudaError_t bwd_superchunk_prepass(const PrefillParams& p, int64_t s, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const BwdLayout layout = bwd_layout(p);
+  char* base = static_cast<char*>(p.workspace);
+  return launch_selection_prepass<T, kNumChunks>(
+      p, reinterpret_cast<A*>(base + layout.poff), reinterpret_cast<double*>(base + layout.carry),
+      superchunk(p, s), s + 1 == num_superchunks(p) ? CarryMode::kKeep : CarryMode::kRetreat,
+      stream);
 }
 
 // After the main backward kernel: accumulators -> the strided output tensors.
@@ -367,11 +401,17 @@ cudaError_t launch_simt_bwd_chunks(const PrefillParams& p, cudaStream_t stream) 
   using A = acc_t<T>;
   cudaError_t err = bwd_prologue<T, kNumChunks>(p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(num_sel_blocks(p.seqlen)), unsigned(p.heads_q), unsigned(p.batch));
   constexpr bool kDirect = sizeof(A) == 8 && kNumChunks >= 4;
-  err = launch_kernel(simt_bwd_kernel<T, kNumChunks, kDirect>, grid, dim3(kThreads), 0, stream, p,
-                      bwd_accum<A>(p));
-  if (err != cudaSuccess) return err;
+  for (int64_t s = num_superchunks(p) - 1; s >= 0; --s) {
+    const SuperChunk sc = superchunk(p, s);
+    err = bwd_superchunk_prepass<T, kNumChunks>(p, s, stream);
+    if (err != cudaSuccess) return err;
+    // Key blocks with a key before the superchunk's last row.
+    const dim3 grid(unsigned(sc.end), unsigned(p.heads_q), unsigned(p.batch));
+    err = launch_kernel(simt_bwd_kernel<T, kNumChunks, kDirect>, grid, dim3(kThreads), 0, stream,
+                        p, bwd_accum<A>(p), sc);
+    if (err != cudaSuccess) return err;
+  }
   return bwd_epilogue<T>(p, stream);
 }
 

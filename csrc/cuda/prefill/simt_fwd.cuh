@@ -18,15 +18,15 @@ namespace selattn::cuda {
 
 template <typename T, int kNumChunks>
 __global__ void __launch_bounds__(kThreads, 1)
-    simt_fwd_kernel(const PrefillParams p, const acc_t<T>* __restrict__ poff) {
+    simt_fwd_kernel(const PrefillParams p, const acc_t<T>* __restrict__ poff,
+                    const SuperChunk sc) {
   using A = acc_t<T>;
   SELATTN_SHARED(xs, SmemTile<A>);
   SELATTN_SHARED(ys, SmemTile<A>);
   SELATTN_SHARED(s_tile, SmemTile<A>);
   SELATTN_SHARED(f_tile, SmemTile<A>);
   const int head_dim = int(p.head_dim);
-  const int64_t nqb = num_sel_blocks(p.seqlen);
-  const int64_t qb = nqb - 1 - blockIdx.x;  // the longest rows first: better tail balance
+  const int64_t qb = sc.end - 1 - blockIdx.x;  // the longest rows first: better tail balance
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * kTile;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                    s0 * p.q_sel_row_stride;
   const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
                    s0 * p.k_sel_row_stride;
-  const A* poff_block = poff + (b * nqb + qb) * p.seqlen;
+  const A* poff_block = poff + (b * sc.stride + qb - sc.begin) * p.seqlen;
 
   // Thread owns output rows r_u = warp + 8u and head-dim columns kc * 32 + lane.
   A o[kRowsPerThread][kNumChunks];
@@ -150,15 +150,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// Superchunk by superchunk (dispatch.h): its pre-pass from the carry, then its query blocks.
 template <typename T, int kNumChunks>
 cudaError_t launch_simt_fwd_chunks(const PrefillParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   A* poff = static_cast<A*>(p.workspace);
-  cudaError_t err = launch_selection_prepass<T, kNumChunks>(p, poff, stream);
-  if (err != cudaSuccess) return err;
+  double* carry = reinterpret_cast<double*>(static_cast<char*>(p.workspace) + poff_bytes(p));
   if (p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(unsigned(num_sel_blocks(p.seqlen)), unsigned(p.heads_q), unsigned(p.batch));
-  return launch_kernel(simt_fwd_kernel<T, kNumChunks>, grid, dim3(kThreads), 0, stream, p, poff);
+  cudaError_t err = cudaMemsetAsync(carry, 0, carry_bytes(p), stream);
+  const int64_t count = num_superchunks(p);
+  for (int64_t s = 0; s < count && err == cudaSuccess; ++s) {
+    const SuperChunk sc = superchunk(p, s);
+    err = launch_selection_prepass<T, kNumChunks>(
+        p, poff, carry, sc, s + 1 < count ? CarryMode::kAdvance : CarryMode::kKeep, stream);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(sc.end - sc.begin), unsigned(p.heads_q), unsigned(p.batch));
+    err = launch_kernel(simt_fwd_kernel<T, kNumChunks>, grid, dim3(kThreads), 0, stream, p, poff,
+                        sc);
+  }
+  return err;
 }
 
 template <typename T>

@@ -1,6 +1,7 @@
 // Tensor-core prefill backward for bf16/fp16, head dims 32, 64, 96, 128 (DESIGN §2 with
-// mma.sync.m16n8k16, fp32 accumulate). Torch-free. Opt-in for now (SELATTN_CUDA_TC_BWD=1, see
-// prefill/launch.cu) until a GPU run has validated it; the SIMT backward is the default.
+// mma.sync.m16n8k16, fp32 accumulate). Torch-free. The default backward for these dtypes and
+// head dims (SELATTN_CUDA_TC_BWD=0 opts out, see prefill/launch.cu); the SIMT backward serves
+// fp32/fp64, other head dims, misaligned rows, and GPUs with too little shared memory.
 //
 // One CTA (4 warps) per (key block of 64 keys, q head, batch) walks the 64-row query blocks
 // from the last down to its own. Warp w owns keys 16w..16w+15 and computes *transposed* tiles
@@ -152,7 +153,7 @@ __device__ __forceinline__ void tc_rows_times_keys_atomic(const T* s_xt, const T
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
-    tc_bwd_kernel(const PrefillParams p, const BwdAccum<float> ws) {
+    tc_bwd_kernel(const PrefillParams p, const BwdAccum<float> ws, const SuperChunk sc) {
   using Cfg = TcBwdConfig<T, kD>;
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStride = Cfg::kStride;
   constexpr int kPStride = Cfg::kPStride, kAccStride = Cfg::kAccStride, kThr = Cfg::kThreads;
@@ -172,6 +173,8 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   float* s_dk = s_dks + kBN * kAccStride;  // dK accumulator (only when Cfg::kDkInSmem)
   constexpr bool kDkInSmem = Cfg::kDkInSmem;
 
+  // 64-row query blocks of the superchunk (its begin is even: dispatch.h).
+  const int64_t sc_qb_end = ceil_div(sc.end * kSelBlockRows, kBM), qb_begin = sc.begin / 2;
   const int64_t kb = blockIdx.x;  // small kb = most query blocks: first, for tail balance
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
@@ -180,6 +183,10 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   const int64_t n = rows.n, s0 = rows.start;
   if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t nqb = ceil_div(n, kBM);  // this sequence's query blocks
+  const int64_t qb_end = sc_qb_end < nqb ? sc_qb_end : nqb;
+  // Varlen: a sequence that ends before this superchunk has no query block in it; this CTA
+  // would add nothing (and its shared accumulators are only set up inside the walk). Uniform.
+  if (qb_end <= (kb > qb_begin ? kb : qb_begin)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
@@ -225,9 +232,12 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   for (int dt = 0; dt < kDkHeld; ++dt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) dk_acc[dt][c] = 0.f;
-  float dl_suffix[2] = {0.f, 0.f};  // per key: sum of dL over the query blocks already walked
+  // Per key: sum of dL over the query blocks already walked (earlier launches' superchunks
+  // included); the four lanes t of a row group hold the same value.
+  float* dsuf = ws.dsuf + stats_offset(p, b, h, p.heads_q, rows);
+  float dl_suffix[2] = {key_lo < n ? dsuf[key_lo] : 0.f, key_hi < n ? dsuf[key_hi] : 0.f};
 
-  for (int64_t qb = nqb - 1; qb >= kb; --qb) {
+  for (int64_t qb = qb_end - 1; qb >= (kb > qb_begin ? kb : qb_begin); --qb) {
     const int64_t row0 = qb * kBM;
     __syncthreads();  // the previous tile's readers of the query-side tiles are done
     tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
@@ -241,7 +251,7 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
     __syncthreads();
     // Poff is kept per 32-row block; this 64-row block starts at block row0 / 32.
     const float* poff_block =
-        ws.poff + (b * num_sel_blocks(p.seqlen) + row0 / kSelBlockRows) * p.seqlen;
+        ws.poff + (b * sc.stride + row0 / kSelBlockRows - sc.begin) * p.seqlen;
 
     // S^T and F^T. Fragment element c of n-tile nt: key (c < 2 ? key_lo : key_hi), query row
     // row0 + nt*8 + 2t + (c & 1).
@@ -367,6 +377,10 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
     tc_rows_times_keys_atomic<T, kD>(s_dat, s_ksel, dq_sel, row0, n, scale, warp, lane);
   }
 
+  if (t == 0) {
+    if (key_lo < n) dsuf[key_lo] = dl_suffix[0];
+    if (key_hi < n) dsuf[key_hi] = dl_suffix[1];
+  }
   // This thread's keys: dV, dK from registers, dKsel from its own shared-memory elements.
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
@@ -411,11 +425,19 @@ cudaError_t launch_tc_bwd_hdim(const PrefillParams& p, cudaStream_t stream) {
                                int(Cfg::kSmemBytes));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(unsigned(ceil_div(p.seqlen, Cfg::kBlockN)), unsigned(p.heads_q),
-                  unsigned(p.batch));
-  err = launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                      bwd_accum<float>(p));
-  if (err != cudaSuccess) return err;
+  // Superchunks last to first (simt_bwd.cuh): key blocks up to the superchunk's last row.
+  for (int64_t s = num_superchunks(p) - 1; s >= 0; --s) {
+    const SuperChunk sc = superchunk(p, s);
+    err = bwd_superchunk_prepass<T, kChunks>(p, s, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t rows_end =
+        p.seqlen < sc.end * kSelBlockRows ? p.seqlen : sc.end * kSelBlockRows;
+    const dim3 grid(unsigned(ceil_div(rows_end, Cfg::kBlockN)), unsigned(p.heads_q),
+                    unsigned(p.batch));
+    err = launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
+                        bwd_accum<float>(p), sc);
+    if (err != cudaSuccess) return err;
+  }
   return bwd_epilogue<T>(p, stream);
 }
 

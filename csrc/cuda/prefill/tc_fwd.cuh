@@ -83,7 +83,7 @@ __device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, con
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, kD>::kMinBlocks)
-    tc_fwd_kernel(const PrefillParams p, const float* __restrict__ poff) {
+    tc_fwd_kernel(const PrefillParams p, const float* __restrict__ poff, const SuperChunk sc) {
   using Cfg = TcFwdConfig<T, kD>;
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStride = Cfg::kStride;
   constexpr int kThr = Cfg::kThreads;
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   T* s_v = s_ksel + kBN * kStride;
   float* s_warp_tot = reinterpret_cast<float*>(s_v + kBN * kStride);  // [kWarps][kBN]
 
-  const int64_t nqb = ceil_div(p.seqlen, kBM);
-  const int64_t qb = nqb - 1 - blockIdx.x;  // longest rows first
+  // 64-row blocks of the superchunk (its begin is even: dispatch.h); longest rows first.
+  const int64_t qb = ceil_div(sc.end * kSelBlockRows, kBM) - 1 - blockIdx.x;
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * kBM;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
                    s0 * p.k_sel_row_stride;
   // Poff is kept per 32-row block; the 64-row block starting at row0 is block row0 / 32.
   const float* poff_block =
-      poff + (b * num_sel_blocks(p.seqlen) + row0 / kSelBlockRows) * p.seqlen;
+      poff + (b * sc.stride + row0 / kSelBlockRows - sc.begin) * p.seqlen;
 
   tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
   tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
@@ -301,19 +301,31 @@ template <typename T, int kD>
 cudaError_t launch_tc_fwd_hdim(const PrefillParams& p, cudaStream_t stream) {
   using Cfg = TcFwdConfig<T, kD>;
   float* poff = static_cast<float*>(p.workspace);
+  double* carry = reinterpret_cast<double*>(static_cast<char*>(p.workspace) + poff_bytes(p));
   constexpr int kChunks = (kD + kTile - 1) / kTile;
-  cudaError_t err = launch_selection_prepass<T, kChunks>(p, poff, stream);
-  if (err != cudaSuccess) return err;
   if (p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   auto kernel = tc_fwd_kernel<T, kD>;
+  cudaError_t err = cudaSuccess;
   if (Cfg::kSmemBytes > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(Cfg::kSmemBytes));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(unsigned(ceil_div(p.seqlen, Cfg::kBlockM)), unsigned(p.heads_q),
-                  unsigned(p.batch));
-  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, poff);
+  err = cudaMemsetAsync(carry, 0, carry_bytes(p), stream);
+  // Superchunk by superchunk (dispatch.h): its pre-pass from the carry, then its query blocks.
+  const int64_t count = num_superchunks(p);
+  for (int64_t s = 0; s < count && err == cudaSuccess; ++s) {
+    const SuperChunk sc = superchunk(p, s);
+    err = launch_selection_prepass<T, kChunks>(
+        p, poff, carry, sc, s + 1 < count ? CarryMode::kAdvance : CarryMode::kKeep, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t rows_begin = sc.begin * kSelBlockRows;
+    const int64_t rows_end = p.seqlen < sc.end * kSelBlockRows ? p.seqlen : sc.end * kSelBlockRows;
+    const dim3 grid(unsigned(ceil_div(rows_end, Cfg::kBlockM) - rows_begin / Cfg::kBlockM),
+                    unsigned(p.heads_q), unsigned(p.batch));
+    err = launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, poff, sc);
+  }
+  return err;
 }
 
 }  // namespace selattn::cuda

@@ -1,0 +1,121 @@
+"""bench/roofline.py, the cost model of the CUDA kernels: its counts agree with closed forms
+for small shapes (tile counts, GEMM FLOPs, atomics), its pieces agree with each other (FLOPs =
+mma count x 4096, bounds = slowest pipe), and its report is written. No GPU involved."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import roofline as rl  # noqa: E402
+
+
+def _tiles(nblocks):
+    return nblocks * (nblocks + 1) // 2
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("n", [64, 100, 256])
+def test_tc_fwd_flops_closed_form(n, d):
+    s = rl.Shape(2, 3, 3, n, d)
+    k = rl.tc_fwd_cost(s)
+    nqb = math.ceil(n / 64)
+    # Three 64 x 64 x D GEMMs (selection, QK^T, PV) per causal tile pair, per (batch, head).
+    assert k.total["tc_flops"] == 3 * 2 * 64 * 64 * d * _tiles(nqb) * 2 * 3
+    assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
+    assert k.ctas == nqb * 2 * 3
+    assert k.per_cta_max["tc_flops"] == 3 * 2 * 64 * 64 * d * nqb  # the last query block
+    # Shared memory as the kernel's TcFwdConfig::kSmemBytes computes it.
+    assert k.smem_bytes == (2 * 64 + 3 * 64) * (d + 8) * 2 + 4 * 64 * 4
+
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_tc_bwd_flops_and_atomics(d):
+    n = 192
+    s = rl.Shape(1, 4, 2, n, d)
+    k = rl.tc_bwd_cost(s)
+    nkb = n // 64
+    tiles = _tiles(nkb) * 4
+    assert k.total["tc_flops"] == 8 * 2 * 64 * 64 * d * tiles  # 8 GEMMs per tile
+    assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
+    # dQ and dQ_sel: one fp32 atomic per (row, d) per tile; dK, dV, dK_sel once per CTA.
+    assert k.total["red"] == 2 * 64 * d * tiles + 3 * 64 * d * nkb * 4
+    # D > 64 keeps dK in shared memory too: 2 fp32 accumulators, else 1.
+    acc = (2 if d > 64 else 1) * 64 * (d + 8) * 4
+    assert k.smem_bytes == (6 * 64) * (d + 8) * 2 + 2 * 64 * 72 * 2 + 3 * 64 * 4 + acc
+
+
+@pytest.mark.parametrize("d", [16, 64, 100])
+def test_simt_kernels_closed_form(d):
+    n = 70
+    s = rl.Shape(1, 2, 1, n, d)
+    dpad = 32 * rl._chunks(d)
+    nqb = math.ceil(n / 32)
+    fwd = rl.simt_fwd_cost(s)
+    assert fwd.total["simt_flops"] == 3 * 2 * 32 * 32 * dpad * _tiles(nqb) * 2
+    bwd = rl.simt_bwd_cost(s)
+    assert bwd.total["simt_flops"] == 8 * 2 * 32 * 32 * dpad * _tiles(nqb) * 2
+    # dq and dq_sel: one atomic per (row, padded d) per tile; dk, dv, dk_sel once per CTA.
+    assert bwd.total["red"] == 2 * 32 * dpad * _tiles(nqb) * 2 + 3 * 32 * d * nqb * 2
+    # The pre-pass: one 32 x 32 x D selection GEMM per causal block pair, once per batch
+    # element (not per head), plus the 32-row column sums.
+    pre = rl.prepass_costs(s)[0]
+    assert pre.total["simt_flops"] == (2 * 32 * 32 * dpad + 1024) * _tiles(nqb)
+    assert pre.ctas == nqb * nqb
+
+
+def test_bound_is_the_slowest_pipe():
+    s = rl.Shape(1, 8, 8, 2048, 128)
+    for k in rl.prefill_kernels(s, "tc", backward=True):
+        k.finish(rl.H100, rl.H100.tc_tflops_spec)
+        pipes = {p: v for p, v in k.bound_us.items() if p not in ("lower_bound", "waves")}
+        assert k.bound_us["lower_bound"] == max(pipes.values())
+        assert k.limiter == max(pipes, key=pipes.get)
+    # Tensor-bound time scales with the rate: a slower rate can only raise a bound.
+    fast = rl.prefill_bounds(s, rl.H100, "spec")
+    slow = rl.prefill_bounds(s, rl.H100, "mma_sync")
+    for key in ("fa2_fwd_us", "fa2_bwd_us", "tc_fwd_us", "tc_bwd_us"):
+        assert slow[key] >= fast[key]
+
+
+def test_fa2_and_ratios():
+    s = rl.Shape(1, 16, 16, 16384, 128)
+    fa = rl.fa2_bound(s, rl.H100, rl.H100.tc_tflops_spec, backward=False)
+    assert fa["tc_flops"] == 4 * 128 * 16 * rl.causal_pairs(16384)
+    b = rl.prefill_bounds(s)
+    # Our tensor-core forward computes 3 GEMMs per full 64 x 64 tile where FA2 needs 2 per
+    # causal pair: 1.5x, plus the masked halves of the diagonal tiles and the pre-pass.
+    assert 1.5 < b["tc_fwd_flops_over_fa2"] < 1.6
+    assert 1.6 < b["tc_bwd_flops_over_fa2"] < 1.7  # 8 GEMMs where FA2 has 5
+    assert b["min_fwd_flops_over_fa2"] == pytest.approx(1 + 1 / (2 * 16) + 1 / (2 * 16), rel=1e-3)
+    # Quadratic work: doubling N at fixed tokens per batch doubles the time.
+    b2 = rl.prefill_bounds(rl.Shape(2, 16, 16, 8192, 128))
+    assert 1.9 < b["fa2_fwd_us"] / b2["fa2_fwd_us"] < 2.1
+
+
+def test_decode_bytes():
+    by = rl.decode_step_bytes(4, 8, 8, 1025, 128)
+    assert by["kv_bytes"] == 2 * 4 * 8 * 1025 * 128 * 2
+    assert by["ideal_bytes"] > by["kv_bytes"]
+    # Today's kernels read K and V once per q head: GQA 4:1 requests ~4x the K/V bytes.
+    gqa = rl.decode_step_bytes(4, 32, 8, 1025, 128)
+    assert gqa["current_bytes"] > 3.9 * gqa["kv_bytes"]
+    assert gqa["ideal_bytes"] < 1.1 * gqa["kv_bytes"]
+    for row in rl.decode_full_vs_pruned():
+        assert row["full_over_pruned"] == pytest.approx(32768 / 2049, rel=0.02)
+
+
+def test_report_written(tmp_path):
+    rl.main(["--out", str(tmp_path)])
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"]
+    data = json.load(open(tmp_path / files[0]))
+    assert len(data["prefill_bounds"]) == 2 * 3 * len(rl.gpu_check_shapes())
+    assert {r["budget"] for r in data["decode"]} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert {r["B"] for r in data["decode"]} >= {1, 64}
+    md = open(tmp_path / files[1]).read()
+    assert "FlashAttention-2" in md and "Full cache vs pruned" in md
