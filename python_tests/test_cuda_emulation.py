@@ -220,3 +220,18 @@ def test_planted_defects_are_caught(defect, case):
     except emulated.EmulationError:
         return  # a launch failure or runtime report: caught
     assert not all(r["passed"] for r in records), f"defect {defect} went unnoticed"
+
+
+@pytest.mark.parametrize("defect", ["decode_missing_barrier"])
+def test_planted_decode_defects_are_caught(defect):
+    # The split-KV decode kernel without the barrier that ends a tile: the next cp.async refill
+    # poisons a stage other threads still read. (All decode defects: run_all.py --defects.)
+    broken = emulated.load(defect=defect)
+    for case in cases.decode_defect_probes():
+        try:
+            records = cases.check_decode(broken, case)
+        except emulated.EmulationError:
+            return
+        if not all(r["passed"] for r in records):
+            return
+    pytest.fail(f"defect {defect} went unnoticed")

@@ -67,6 +67,28 @@ DEFECTS = {
     ),
 }
 
+# Defects of the decode kernels (csrc/cuda/decode), caught by cases.decode_defect_probes().
+DEFECTS.update({
+    # The split combine forgets to rescale each split's partial sums to the common max.
+    "decode_split_combine": (
+        "cuda/decode/kernels.cuh",
+        "      if (part_l[s] > A(0)) sum += part_acc[s * D + d] * exp_acc(part_m[s] - mx);\n",
+        "      if (part_l[s] > A(0)) sum += part_acc[s * D + d];\n",
+    ),
+    # The barrier after P V is gone: the next tile's cp.async refills a stage still being read.
+    "decode_missing_barrier": (
+        "cuda/decode/kernels.cuh",
+        "      __syncthreads();  // this stage and sc_s/corr_s are free for the next tile\n",
+        "",
+    ),
+    # One stage too few waited for: tile i is read before its cp.async copies land.
+    "decode_missing_wait": (
+        "cuda/decode/kernels.cuh",
+        "      cp_async_wait<1>();  // this thread's copies of tile i have landed\n",
+        "      cp_async_wait<2>();  // this thread's copies of tile i have landed\n",
+    ),
+})
+
 SANITIZE_FLAGS = {
     None: ["-O2"],
     "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
@@ -95,8 +117,10 @@ def _sources(csrc: str) -> list:
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
-def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str]) -> str:
-    """Hash of a translation unit, every quoted header it includes, and the flags."""
+def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str],
+                    root: str) -> str:
+    """Hash of a translation unit, every quoted header it includes, and the flags. Paths count
+    relative to `root` (csrc/), so a defect's scratch tree reuses every object it leaves alone."""
     h = hashlib.sha256("\0".join(flags).encode())
     seen, todo = set(), [path]
     while todo:
@@ -105,7 +129,7 @@ def _closure_digest(path: str, include_dirs: Sequence[str], flags: Sequence[str]
             continue
         seen.add(p)
         text = open(p, "rb").read()
-        h.update(p.encode() + b"\0" + text)
+        h.update(os.path.relpath(p, root).encode() + b"\0" + text)
         for inc in _INCLUDE.findall(text.decode("utf-8", "replace")):
             for d in [os.path.dirname(p), *include_dirs]:
                 cand = os.path.normpath(os.path.join(d, inc))
@@ -130,7 +154,7 @@ def _compile_all(csrc: str, outdir: str, sanitize: Optional[str]) -> str:
             # The scheduler's own state is not kernel memory: not instrumented (it still calls
             # the TSan fiber and sync annotations).
             flags = [f for f in flags if f != "-fsanitize=thread"] + ["-DSELATTN_EMU_TSAN=1"]
-        digest = _closure_digest(src, include_dirs, flags)
+        digest = _closure_digest(src, include_dirs, flags, csrc)
         obj = os.path.join(objs_dir, f"{os.path.basename(src)}.{digest}.o")
         jobs.append((src, obj, flags))
 
@@ -394,8 +418,13 @@ class Emulation:
         return tuple(grads)
 
     def decode_step(self, q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
-                    budget, tau):
-        """As torch.ops.selattn.decode_step on CUDA: returns out; updates the cache tensors."""
+                    budget, tau, split_cols: Optional[int] = None):
+        """As torch.ops.selattn.decode_step on CUDA: returns out; updates the cache tensors.
+        `split_cols` forces the key columns per split-KV CTA (default: the launcher's plan)."""
+        if split_cols is None:
+            os.environ.pop("SELATTN_EMU_DECODE_SPLIT_COLS", None)
+        else:
+            os.environ["SELATTN_EMU_DECODE_SPLIT_COLS"] = str(int(split_cols))
         B, Hq, c, D = q.shape
         ints = [DTYPE_CODE[q.dtype], B, Hq, k.shape[1], c, D, k_cache.shape[2], budget, sel_head,
                 int(tau is not None)]
@@ -408,7 +437,9 @@ class Emulation:
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[t.data_ptr() if t is not None else None
                                                   for t in ptrs])
         rc = self._call(self.lib.selattn_emu_decode, ints_arr, reals, ptr_arr)
-        self._finish(rc, "decode_step", ["select_kernel", "attend_kernel", "finish_kernel"])
+        launched = self._finish(rc, "decode_step", ["attend_kernel", "finish_kernel"])
+        if len(launched) != 2:  # a step is two launches (CUDA-graph friendly)
+            raise EmulationError(f"decode_step: expected two launches, ran {launched}")
         return out
 
 
@@ -424,7 +455,8 @@ def prefill_bwd(dout, q, k, v, q_sel, k_sel, out, lse, dlse, scale, dmem=None, m
                               path=path)
 
 
-def decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head, budget, tau):
+def decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head, budget, tau,
+                split_cols=None):
     """See Emulation.decode_step (default, unsanitized build)."""
     return load().decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale,
-                              sel_head, budget, tau)
+                              sel_head, budget, tau, split_cols)

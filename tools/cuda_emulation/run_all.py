@@ -134,7 +134,8 @@ def main() -> int:
                     help="also check the planted defects (all, or the ones named)")
     ap.add_argument("--no-long", action="store_true",
                     help="skip the long-N cases (for the slower sanitizer builds)")
-    ap.add_argument("--only", help="run only cases whose description contains this")
+    ap.add_argument("--only", help="run only cases whose kind (prefill/decode) or description "
+                                   "contains this")
     args = ap.parse_args()
     if args.sanitize and os.environ.get("SELATTN_EMU_PRELOADED") != "1":
         _reexec_with_runtime(args.sanitize)
@@ -149,7 +150,7 @@ def main() -> int:
     decode = cases.ci_decode_cases() if args.quick else cases.full_decode_cases()
     work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode]
     if args.only:
-        work = [(k, c) for k, c in work if args.only in repr(c)]
+        work = [(k, c) for k, c in work if args.only in f"{k} {c!r}"]  # "decode", "bfloat16", ...
     if args.no_long:
         work = [(k, c) for k, c in work if getattr(c, "seqlen", 0) < 512]
     records = []
@@ -199,22 +200,25 @@ def main() -> int:
             for name in args.defects or list(emulated.DEFECTS):
                 t0 = time.time()
                 broken = emulated.load(sanitize=args.sanitize, defect=name)
-                probe = [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
-                         cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc")]
+                decode_defect = emulated.DEFECTS[name][0].startswith("cuda/decode/")
+                probe = (cases.decode_defect_probes() if decode_defect else
+                         [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
+                          cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc")])
                 caught, how = False, []
                 for c in probe:
                     try:
-                        recs = cases.check_prefill(broken, c)
+                        recs = (cases.check_decode(broken, c) if decode_defect
+                                else cases.check_prefill(broken, c))
                         if not all(r["passed"] for r in recs):
                             caught = True
-                            how.append(f"{c.path}: comparison failed")
+                            how.append(f"{getattr(c, 'path', 'decode')}: comparison failed")
                     except Exception as exc:
                         caught = True
-                        how.append(f"{c.path}: {type(exc).__name__}")
+                        how.append(f"{getattr(c, 'path', 'decode')}: {type(exc).__name__}")
                     san, _ = counter.take() if counter else (0, "")
                     if san:
                         caught = True
-                        how.append(f"{c.path}: {san} sanitizer report(s)")
+                        how.append(f"{getattr(c, 'path', 'decode')}: {san} sanitizer report(s)")
                 records.append(dict(kernel="planted_defect", defect=name, dtype="-", head_dim=None,
                                     shape=None, max_err=None, tol=None, passed=caught,
                                     caught_by=how, sanitizer=args.sanitize or "none",

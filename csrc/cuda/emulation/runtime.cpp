@@ -108,6 +108,7 @@ struct Fiber {
   State state = State::kReady;
   void* tsan = nullptr;
   void* asan_fake = nullptr;
+  std::vector<std::vector<AsyncCopy>> async;  // cp.async groups not landed yet
 #if !defined(__x86_64__)
   ucontext_t uc;
 #endif
@@ -329,6 +330,12 @@ void wait_here(Block& b) {
 #endif
   b.body(b.ctx);
   Fiber& f = fiber();
+  for (const auto& group : f.async)
+    if (!group.empty()) {
+      report("thread exited with cp.async copies never waited for (cp.async.wait_group)");
+      b.failed = true;
+      break;
+    }
   f.state = State::kDone;
   --b.live;
   tsan_release(b.exit_sync);
@@ -615,6 +622,8 @@ void* block_shared(const void* site, size_t bytes, size_t align) {
   b.shared.push_back({site, p, bytes});
   return p;
 }
+
+std::vector<std::vector<AsyncCopy>>& async_copies() { return fiber().async; }
 
 unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block().dyn); }
 

@@ -52,6 +52,17 @@ void check_ldmatrix_row(const void* p);
 // from the fragment tables of the PTX ISA.
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 
+// cp.async as a deferred copy (arch.cuh's host branch): each thread's copies not landed yet,
+// committed groups oldest first, then the open group. The copy itself is done by arch.cuh (in
+// the kernel's own, instrumented translation unit); a thread that exits with copies pending is
+// a report.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  uint32_t bytes, src_bytes;
+};
+std::vector<std::vector<AsyncCopy>>& async_copies();
+
 // Shared memory of the running block: one allocation per declaration site, exact size,
 // poisoned with 0xff bytes (NaN in every float format) when the block starts using it.
 void* block_shared(const void* site, size_t bytes, size_t align);
