@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -16,7 +18,7 @@
 #include "prefill_params.h"
 
 #ifdef SELATTN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -416,10 +418,18 @@ DecodeParams make_decode_params(const Tensor& q, const Tensor& k, const Tensor& 
 }
 
 #ifdef SELATTN_WITH_CUDA
-// Multiprocessors of a CUDA device: at::cuda::getDeviceProperties queries each device once and
-// caches the answer, so a step makes no device query.
+// Multiprocessors of a CUDA device, queried once per device and cached: a decode step makes
+// no device query (it must stay CUDA-graph capturable and cheap on the host).
 int sm_count(c10::DeviceIndex device) {
-  return at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cached{};  // 0: not yet
+  TORCH_CHECK_VALUE(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+                    "selattn: bad CUDA device index ", static_cast<int>(device));
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
 }
 #endif
 
