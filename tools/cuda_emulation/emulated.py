@@ -81,6 +81,12 @@ DEFECTS.update({
         "      __syncthreads();  // this stage and sc_s/corr_s are free for the next tile\n",
         "",
     ),
+    # The chunk eviction's cut on positions off by one: the last victim stays.
+    "decode_radix_cut": (
+        "cuda/decode/kernels.cuh",
+        "      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) <= pcut)) pos[j] = -1;\n",
+        "      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) < pcut)) pos[j] = -1;\n",
+    ),
     # One stage too few waited for: tile i is read before its cp.async copies land.
     "decode_missing_wait": (
         "cuda/decode/kernels.cuh",

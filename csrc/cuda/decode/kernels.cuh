@@ -16,13 +16,15 @@
 //   2. finish: grid (1 + row blocks, B). Blocks >= 1 merge the partial states into `out`;
 //      block 0 commits the step for its sequence: F update, insertion of the new tokens into
 //      free slots, eviction (tau, then the budget: largest F first, ties to the oldest, never
-//      BOS) and seq_len. Block 0 writes only cache state, which blocks >= 1 never read.
+//      BOS; one block-wide radix select when a chunk evicts more than a couple) and seq_len.
+//      Block 0 writes only cache state, which blocks >= 1 never read.
 // The number of splits comes from the SM count the caller passes (queried once and cached).
 #pragma once
 
 #include "cuda/arch.cuh"
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "decode_params.h"
@@ -514,6 +516,68 @@ __device__ __forceinline__ bool evict_first(const Victim& a, const Victim& b) {
   return a.f > b.f || (a.f == b.f && a.pos < b.pos);
 }
 
+// F as unsigned bits whose order is F's numeric order (NaN as +inf, as on the CPU; -0 as +0).
+__device__ __forceinline__ uint32_t order_bits(float x) {
+  if (x != x) x = __int_as_float(0x7f800000);
+  if (x == 0.0f) x = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ uint64_t order_bits(double x) {
+  if (x != x) x = __longlong_as_double(0x7ff0000000000000LL);
+  if (x == 0.0) x = 0.0;
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// Block-wide radix select (8-bit digits, most significant first) over the slots j < S with
+// in(j): the k-th (1-based) key in descending order if kLargest, else ascending. Returns that
+// key and sets k to its rank among the slots holding exactly that key. One pass over the slots
+// per digit, each thread touching only the slots j = tid (mod kFinishThreads).
+template <bool kLargest, typename U, typename Key, typename In>
+__device__ U radix_select(int64_t S, int64_t& k, Key key, In in) {
+  static_assert(kFinishThreads == 256, "one histogram bin per thread");
+  SELATTN_SHARED(hist, unsigned[256]);
+  SELATTN_SHARED(sel, unsigned long long[2]);  // the prefix so far, the remaining rank
+  const int tid = threadIdx.x;
+  U prefix = 0, mask = 0;
+  for (int shift = static_cast<int>(sizeof(U)) * 8 - 8; shift >= 0; shift -= 8) {
+    hist[tid] = 0;
+    __syncthreads();
+    for (int64_t j = tid; j < S; j += kFinishThreads)
+      if (in(j)) {
+        const U x = key(j);
+        if ((x & mask) == prefix) atomicAdd(&hist[(x >> shift) & 0xff], 1u);
+      }
+    __syncthreads();
+    if (tid == 0) {
+      int64_t rest = k;
+      int digit = kLargest ? 0 : 255;
+      for (int i = 0; i < 256; ++i) {
+        const int d = kLargest ? 255 - i : i;
+        if (static_cast<int64_t>(hist[d]) >= rest) {
+          digit = d;
+          break;
+        }
+        rest -= hist[d];
+      }
+      sel[0] = static_cast<unsigned long long>(prefix | (static_cast<U>(digit) << shift));
+      sel[1] = static_cast<unsigned long long>(rest);
+    }
+    __syncthreads();
+    prefix = static_cast<U>(sel[0]);
+    k = static_cast<int64_t>(sel[1]);
+    mask |= static_cast<U>(0xff) << shift;
+    __syncthreads();  // everyone has read sel (and tid 0 the histogram) before the next digit
+  }
+  return prefix;
+}
+
+// More budget evictions than this in one step (chunks) use one radix select instead of rounds.
+constexpr int64_t kEvictRounds = 2;
+
 template <typename T, int D>
 __device__ void commit(const DecodeParams& p, const Workspace& ws, int64_t b) {
   using A = acc_t<T>;
@@ -594,6 +658,24 @@ __device__ void commit(const DecodeParams& p, const Workspace& ws, int64_t b) {
   atomicAdd(&sm_used, used_here);
   __syncthreads();
   int64_t used = static_cast<int64_t>(sm_used);
+  if (used - p.budget > kEvictRounds) {
+    // The excess in one pass: the excess-th largest F (radix select), then among the slots at
+    // exactly that F the oldest ones (a second select on positions). BOS is never a candidate;
+    // with budget >= 1 the excess never exceeds the candidates.
+    using U = std::conditional_t<std::is_same_v<A, double>, uint64_t, uint32_t>;
+    int64_t k = used - p.budget;
+    const U fcut = radix_select<true, U>(
+        S, k, [&](int64_t j) { return order_bits(f[j]); }, [&](int64_t j) { return pos[j] > 0; });
+    const uint64_t pcut = radix_select<false, uint64_t>(
+        S, k, [&](int64_t j) { return static_cast<uint64_t>(pos[j]); },
+        [&](int64_t j) { return pos[j] > 0 && order_bits(f[j]) == fcut; });
+    for (int64_t j = tid; j < S; j += kFinishThreads) {
+      if (pos[j] <= 0) continue;
+      const U x = order_bits(f[j]);
+      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) <= pcut)) pos[j] = -1;
+    }
+    used = p.budget;
+  }
   while (used > p.budget) {
     Victim best{0.0, 0, -1};
     for (int64_t j = tid; j < S; j += kFinishThreads) {
