@@ -500,7 +500,7 @@ const unsigned char (*warp_exchange(int kind, unsigned mask, const void* in, siz
     report("lanes of one warp are in different warp collectives (divergence)");
   }
   const uint64_t gen = w.gen;
-  std::memcpy(w.slot[gen & 1][lane], in, bytes);
+  if (bytes > 0) std::memcpy(w.slot[gen & 1][lane], in, bytes);  // __syncwarp hands in nothing
   w.arrived |= 1u << lane;
   if (w.arrived == w.mask) {
     for (int l = 0; l < 32; ++l) {
