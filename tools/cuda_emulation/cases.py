@@ -238,13 +238,17 @@ def ci_decode_cases():
 
 
 def decode_defect_probes():
-    """Small decode cases that a broken split combine, barrier or cp.async wait must fail:
-    several splits with different maxima, several tiles per CTA, a GQA group, eviction."""
+    """Small decode cases that a broken split combine, barrier, cp.async wait or eviction cut
+    must fail: several splits with different maxima, several tiles per CTA, GQA groups, chunks
+    that evict several tokens at once."""
     # 100 columns per split: 4 tiles of 32 (fp32, D = 64), so a stage is refilled after use.
     return [DecodeCase(torch.float32, 64, heads_q=4, heads_kv=2, batch=2, budget=120,
                        max_chunk=32, steps=6, sel_head=3, split_cols=100, seed=40),
             DecodeCase(torch.bfloat16, 128, heads_q=4, heads_kv=1, batch=1, budget=60,
-                       max_chunk=32, steps=4, sel_head=1, seed=41)]
+                       max_chunk=32, steps=4, sel_head=1, seed=41),
+            # Chunks over a small budget: several evictions a step (the one-pass select).
+            DecodeCase(torch.float32, 32, heads_q=4, heads_kv=2, batch=2, budget=8,
+                       max_chunk=6, steps=8, sel_head=2, split_cols=5, seed=42)]
 
 
 def full_prefill_cases():
