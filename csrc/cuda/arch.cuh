@@ -150,10 +150,8 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // wait that covers its group, so a missing wait or barrier is a wrong answer or a race report.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool src_valid) {
 #if defined(SELATTN_HOST_EMULATION)
-  auto& groups = ::selattn::emu::async_copies();
-  if (groups.empty()) groups.emplace_back();
   std::memset(smem, 0xff, 16);
-  groups.back().push_back({smem, gmem, 16u, src_valid ? 16u : 0u});
+  ::selattn::emu::cp_async_push({smem, gmem, 16u, src_valid ? 16u : 0u});
 #else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
@@ -164,9 +162,7 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool s
 
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(SELATTN_HOST_EMULATION)
-  auto& groups = ::selattn::emu::async_copies();
-  if (groups.empty()) groups.emplace_back();
-  groups.emplace_back();  // the open group becomes committed; a new one opens
+  ::selattn::emu::cp_async_commit();
 #else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
@@ -175,13 +171,13 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(SELATTN_HOST_EMULATION)
-  auto& groups = ::selattn::emu::async_copies();
-  while (groups.size() > static_cast<size_t>(N) + 1) {  // committed groups beyond N land
-    for (const auto& c : groups.front()) {
+  ::selattn::emu::AsyncCopy landing[16];
+  while (const size_t n = ::selattn::emu::cp_async_pop(N, landing, 16)) {
+    for (size_t i = 0; i < n; ++i) {
+      const auto& c = landing[i];
       std::memcpy(c.dst, c.src, c.src_bytes);
       std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
     }
-    groups.erase(groups.begin());
   }
 #else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -623,7 +623,32 @@ void* block_shared(const void* site, size_t bytes, size_t align) {
   return p;
 }
 
-std::vector<std::vector<AsyncCopy>>& async_copies() { return fiber().async; }
+void cp_async_push(const AsyncCopy& copy) {
+  auto& groups = fiber().async;
+  if (groups.empty()) groups.emplace_back();
+  groups.back().push_back(copy);
+}
+
+void cp_async_commit() {
+  auto& groups = fiber().async;
+  if (groups.empty()) groups.emplace_back();
+  groups.emplace_back();
+}
+
+size_t cp_async_pop(int keep, AsyncCopy* out, size_t cap) {
+  auto& groups = fiber().async;
+  size_t n = 0;
+  while (n < cap && groups.size() > static_cast<size_t>(keep) + 1) {
+    auto& oldest = groups.front();
+    if (oldest.empty()) {
+      groups.erase(groups.begin());
+      continue;
+    }
+    out[n++] = oldest.back();
+    oldest.pop_back();
+  }
+  return n;
+}
 
 unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block().dyn); }
 
