@@ -57,6 +57,12 @@ struct DecodeParams {
   // Device scratch owned by the caller (CUDA); size from cuda::decode_workspace_bytes.
   void* workspace;
   size_t workspace_bytes;
+  // CUDA: multiprocessors of the device (sizes the split-KV grid). Queried once by the caller
+  // and cached, never per step (a step must stay free of host-side device queries); <= 0
+  // means an H100's 132.
+  int num_sms;
+  // Key columns per split-KV CTA; 0 (the default) lets the plan choose. Tests only.
+  int64_t split_cols;
 };
 
 }  // namespace selattn

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -16,6 +18,7 @@
 #include "prefill_params.h"
 
 #ifdef SELATTN_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -414,12 +417,29 @@ DecodeParams make_decode_params(const Tensor& q, const Tensor& k, const Tensor& 
   return p;
 }
 
+#ifdef SELATTN_WITH_CUDA
+// Multiprocessors of a CUDA device, queried once per device and cached: a decode step makes
+// no device query (it must stay CUDA-graph capturable and cheap on the host).
+int sm_count(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cached{};  // 0: not yet
+  TORCH_CHECK_VALUE(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+                    "selattn: bad CUDA device index ", static_cast<int>(device));
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+#endif
+
 }  // namespace
 
 Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_cache,
                    const Tensor& v_cache, const Tensor& f, const Tensor& pos,
                    const Tensor& seq_len, const std::optional<Tensor>& lengths, double scale,
-                   int64_t sel_head, int64_t budget, std::optional<double> tau) {
+                   int64_t sel_head, int64_t budget, std::optional<double> tau,
+                   const std::optional<Tensor>& workspace) {
   check_decode_inputs(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
                       budget, tau);
   Tensor out = at::empty(q.sizes(), q.options());
@@ -439,11 +459,25 @@ Tensor decode_step(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     Tensor v_a = aligned16(v) ? v : v.clone(at::MemoryFormat::Contiguous);
     p = make_decode_params(q_a, k_a, v_a, k_cache, v_cache, f, pos, seq_len, lengths_t, out,
                            scale, sel_head, budget, tau);
+    p.num_sms = sm_count(q.device().index());
     const size_t bytes = cuda::decode_workspace_bytes(p);
-    Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
-                          q.options().dtype(at::kByte));
+    Tensor ws;
+    if (workspace.has_value() && workspace->defined()) {
+      // The cache's own scratch, reused every step: no allocation in the step.
+      ws = *workspace;
+      TORCH_CHECK_TYPE(ws.scalar_type() == at::kByte, "selattn: workspace must be uint8, got ",
+                       ws.scalar_type());
+      TORCH_CHECK_VALUE(ws.device() == q.device() && ws.is_contiguous(),
+                        "selattn: workspace must be a contiguous tensor on ", q.device());
+      TORCH_CHECK_VALUE(static_cast<size_t>(ws.numel()) >= bytes, "selattn: workspace holds ",
+                        ws.numel(), " bytes, this step needs ", bytes,
+                        " (size it with decode_cuda_workspace_bytes)");
+    } else {
+      ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                     q.options().dtype(at::kByte));
+    }
     p.workspace = ws.data_ptr();
-    p.workspace_bytes = bytes;
+    p.workspace_bytes = static_cast<size_t>(ws.numel());
     check_launch(cuda::decode_step(p, c10::cuda::getCurrentCUDAStream().stream()),
                  "decode_step");
 #endif
@@ -461,6 +495,34 @@ int64_t decode_cpu_workspace_bytes(int64_t batch, int64_t heads_kv, int64_t chun
     TORCH_CHECK_VALUE(value >= 0, "selattn: ", name, " must be >= 0, got ", value);
   return static_cast<int64_t>(cpu::decode_workspace_bytes(batch, heads_kv, chunk, head_dim, slots,
                                                           to_dtype(dtype), at::get_num_threads()));
+}
+// Bytes of the CUDA step workspace for chunks of up to max_chunk tokens with heads_q query
+// heads on `device` (SelectiveKVCache allocates it once and passes it to every step).
+int64_t decode_cuda_workspace_bytes(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                    int64_t max_chunk, int64_t head_dim, int64_t slots,
+                                    at::ScalarType dtype, at::Device device) {
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"batch", batch}, {"heads_q", heads_q},
+                             {"heads_kv", heads_kv}, {"max_chunk", max_chunk},
+                             {"head_dim", head_dim}, {"slots", slots}})
+    TORCH_CHECK_VALUE(value >= 0, "selattn: ", name, " must be >= 0, got ", value);
+  TORCH_CHECK_VALUE(device.is_cuda(), "selattn: decode_cuda_workspace_bytes needs a CUDA device, ",
+                    "got ", device);
+#ifdef SELATTN_WITH_CUDA
+  DecodeParams p{};
+  p.dtype = to_dtype(dtype);
+  p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv, p.head_dim = head_dim;
+  p.slots = slots;
+  p.num_sms = sm_count(device.has_index() ? device.index() : c10::cuda::current_device());
+  size_t most = 0;  // the split plan depends on the chunk: the largest over 1..max_chunk
+  for (int64_t c = 1; c <= max_chunk; ++c) {
+    p.chunk = c;
+    most = std::max(most, cuda::decode_workspace_bytes(p));
+  }
+  return static_cast<int64_t>(most);
+#else
+  fail_no_cuda_build();
+  return 0;
+#endif
 }
 // ============================================================================================
 // end of decode
@@ -809,11 +871,15 @@ TORCH_LIBRARY(selattn, m) {
   m.def(
       "decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"
       " Tensor(c!) f, Tensor(d!) pos, Tensor(e!) seq_len, Tensor? lengths, float scale,"
-      " int sel_head, int budget, float? tau) -> Tensor");
+      " int sel_head, int budget, float? tau, Tensor(f!)? workspace=None) -> Tensor");
   m.def(
       "decode_cpu_workspace_bytes(int batch, int heads_kv, int chunk, int head_dim, int slots,"
       " ScalarType dtype) -> int",
       &decode_cpu_workspace_bytes);
+  m.def(
+      "decode_cuda_workspace_bytes(int batch, int heads_q, int heads_kv, int max_chunk,"
+      " int head_dim, int slots, ScalarType dtype, Device device) -> int",
+      &decode_cuda_workspace_bytes);
   // packed ragged batches (DESIGN §1.1): q (total, Hq, D), cu_seqlens int32 (B + 1,).
   m.def(
       "prefill_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor q_sel, Tensor k_sel,"

@@ -202,6 +202,31 @@ def test_decode_eviction_ties_go_to_the_oldest(emu):
     assert bool((f == 0).all())
 
 
+@pytest.mark.parametrize("split_cols", [None, 3])
+def test_decode_chunk_eviction_ties_go_to_the_oldest(emu, split_cols):
+    # Chunks of 5 over a budget of 6: up to 5 evictions a step, taken by the one-pass radix
+    # select. F stays 0 (negative selection logits), so they are all ties: the oldest go first,
+    # never BOS. (Distinct F through the same select: the chunk cases of cases.py.)
+    B, Hkv, D, budget, c = 2, 1, 32, 6, 5
+    g = torch.Generator().manual_seed(1)
+    kc = torch.zeros(B, Hkv, budget + c, D)
+    vc = torch.zeros_like(kc)
+    f = torch.zeros(B, budget + c)
+    pos = torch.full((B, budget + c), -1, dtype=torch.int64)
+    seq = torch.zeros(B, dtype=torch.int64)
+    for s in range(5):
+        q = -torch.rand(B, 2, c, D, generator=g) - 0.5
+        k = torch.ones(B, Hkv, c, D)
+        v = torch.randn(B, Hkv, c, D, generator=g)
+        emu.decode_step(q, k, v, kc, vc, f, pos, seq, None, D ** -0.5, 0, budget, None,
+                        split_cols=split_cols)
+        n = (s + 1) * c
+        for b in range(B):
+            kept = sorted(p for p in pos[b].tolist() if p >= 0)
+            assert kept == [0] + list(range(max(1, n - budget + 1), n)), (s, b, kept)
+    assert bool((f[pos >= 0] == 0).all())
+
+
 def test_tensor_core_path_refuses_what_it_cannot_run(emu):
     q = torch.randn(1, 1, 40, 64, dtype=torch.float32)
     with pytest.raises(ValueError, match="dtype"):
@@ -246,3 +271,18 @@ def test_planted_defects_are_caught(defect, case):
     except emulated.EmulationError:
         return  # a launch failure or runtime report: caught
     assert not all(r["passed"] for r in records), f"defect {defect} went unnoticed"
+
+
+@pytest.mark.parametrize("defect", ["decode_missing_barrier"])
+def test_planted_decode_defects_are_caught(defect):
+    # The split-KV decode kernel without the barrier that ends a tile: the next cp.async refill
+    # poisons a stage other threads still read. (All decode defects: run_all.py --defects.)
+    broken = emulated.load(defect=defect)
+    for case in cases.decode_defect_probes():
+        try:
+            records = cases.check_decode(broken, case)
+        except emulated.EmulationError:
+            return
+        if not all(r["passed"] for r in records):
+            return
+    pytest.fail(f"defect {defect} went unnoticed")

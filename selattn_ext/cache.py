@@ -41,6 +41,10 @@ class SelectiveKVCache:
             larger for chunked prefill).
         tau: optional threshold; tokens whose F exceeds it are evicted before the budget rule.
         dtype, device: of the cached keys/values (q, k, v passed to :func:`decode` must match).
+        num_q_heads: query heads of the model (CUDA): the step workspace is then allocated here,
+            once; without it, at the first :func:`decode` (sized for that call's query heads).
+            Either way every later step reuses it: a step allocates nothing, synchronises
+            nothing, and can be captured in a CUDA graph.
 
     Tensors (all mutated in place by :func:`decode`; slot order is irrelevant):
         k_cache, v_cache (B, Hkv, slots, D) in ``dtype``; f (B, slots) float32 (float64 for a
@@ -49,7 +53,8 @@ class SelectiveKVCache:
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, budget: int, *,
                  max_chunk: int = 1, tau: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                 num_q_heads: Optional[int] = None):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
         self.head_dim = _positive_int("head_dim", head_dim)
@@ -73,6 +78,16 @@ class SelectiveKVCache:
         self.f = torch.zeros(batch_size, slots, dtype=f_dtype, device=self.device)
         self.pos = torch.full((batch_size, slots), -1, dtype=torch.int64, device=self.device)
         self.seq_len = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        # CUDA step scratch (split-KV partial states, running F sums), owned here and reused by
+        # every step; keyed by the (query heads, batch size) it was sized for.
+        self.workspace: Optional[Tensor] = None
+        self._workspace_key: Optional[tuple] = None
+        if num_q_heads is not None:
+            num_q_heads = _positive_int("num_q_heads", num_q_heads)
+            if num_q_heads % self.num_kv_heads != 0:
+                raise ValueError(f"num_q_heads = {num_q_heads} must be a multiple of "
+                                 f"num_kv_heads = {self.num_kv_heads}")
+            self.step_workspace(num_q_heads)
 
     def positions(self) -> List[List[int]]:
         """Kept token positions per sequence, ascending."""
@@ -89,23 +104,39 @@ class SelectiveKVCache:
                    for t in (self.k_cache, self.v_cache, self.f, self.pos, self.seq_len))
 
     def workspace_bytes(self) -> int:
-        """Peak scratch one :func:`decode` step of up to ``max_chunk`` tokens allocates.
+        """Scratch of one :func:`decode` step of up to ``max_chunk`` tokens.
 
-        CPU: the kernel's own sizing (per-sequence F offsets of the chunk against every slot,
-        plus per-thread tiles at the current ``torch.get_num_threads()``); it does not depend on
-        the number of query heads or on the sequence length. CUDA: 0 for now (the CUDA step
-        sizes its workspace from the query heads and the SM count at each call).
+        CPU: the peak the kernel allocates, by its own sizing (per-sequence F offsets of the
+        chunk against every slot, plus per-thread tiles at the current
+        ``torch.get_num_threads()``); it does not depend on the number of query heads or on the
+        sequence length. CUDA: the bytes of :attr:`workspace`, the buffer this cache holds and
+        every step reuses (split-KV partial states per query head and split, running F sums);
+        0 until it exists (see ``num_q_heads``).
         """
         if self.device.type != "cpu":
-            return 0
+            return 0 if self.workspace is None else self.workspace.numel()
         return int(torch.ops.selattn.decode_cpu_workspace_bytes(
             self.batch_size, self.num_kv_heads, self.max_chunk, self.head_dim, self.slots,
             self.dtype))
 
+    def step_workspace(self, num_q_heads: int) -> Optional[Tensor]:
+        """The CUDA step workspace for ``num_q_heads`` query heads (None on the CPU): allocated
+        on first use or when the query heads or the batch size change, reused otherwise."""
+        if self.device.type != "cuda":
+            return None
+        key = (num_q_heads, self.batch_size)
+        if self.workspace is None or self._workspace_key != key:
+            nbytes = int(torch.ops.selattn.decode_cuda_workspace_bytes(
+                self.batch_size, num_q_heads, self.num_kv_heads, self.max_chunk, self.head_dim,
+                self.slots, self.dtype, self.device))
+            self.workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            self._workspace_key = key
+        return self.workspace
+
     def memory_bytes(self) -> int:
         """Every byte the cache and its step workspace hold: :meth:`state_bytes` plus
-        :meth:`workspace_bytes`. Fixed at construction: O(budget + max_chunk), never
-        O(sequence length)."""
+        :meth:`workspace_bytes`. O(budget + max_chunk), never O(sequence length); fixed at
+        construction (on CUDA once the workspace exists: pass ``num_q_heads``)."""
         return self.state_bytes() + self.workspace_bytes()
 
     def select_rows_(self, rows: Union[Tensor, Sequence[int]]) -> None:
@@ -213,4 +244,4 @@ def decode(q: Tensor, k: Tensor, v: Tensor, cache: SelectiveKVCache, *,
     lengths_t = _lengths_tensor(lengths, bsz, c, cache.device)
     return ops.decode_step(q, k, v, cache.k_cache, cache.v_cache, cache.f, cache.pos,
                            cache.seq_len, lengths_t, float(scale), sel_head % hq, cache.budget,
-                           cache.tau)
+                           cache.tau, cache.step_workspace(hq))

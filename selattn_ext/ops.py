@@ -118,16 +118,19 @@ __all__ += ["decode_step"]
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, f: Tensor,
                 pos: Tensor, seq_len: Tensor, lengths: Optional[Tensor], scale: float,
-                sel_head: int, budget: int, tau: Optional[float]) -> Tensor:
+                sel_head: int, budget: int, tau: Optional[float],
+                workspace: Optional[Tensor] = None) -> Tensor:
     """Raw decode op: updates the cache tensors in place, returns out. Prefer
-    :func:`selattn_ext.decode` with a :class:`selattn_ext.SelectiveKVCache`."""
+    :func:`selattn_ext.decode` with a :class:`selattn_ext.SelectiveKVCache`. ``workspace``
+    (CUDA): a uint8 scratch tensor reused across steps, at least
+    ``torch.ops.selattn.decode_cuda_workspace_bytes(...)`` bytes (allocated per call if None)."""
     return torch.ops.selattn.decode_step.default(q, k, v, k_cache, v_cache, f, pos, seq_len,
-                                                 lengths, scale, sel_head, budget, tau)
+                                                 lengths, scale, sel_head, budget, tau, workspace)
 
 
 @torch.library.register_fake("selattn::decode_step")
 def _decode_step_fake(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
-                      budget, tau):
+                      budget, tau, workspace=None):
     # Mirrors csrc/ops.cpp: a contiguous output shaped like q; the cache is mutated in place.
     return q.new_empty(q.shape)
 

@@ -142,4 +142,46 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return r;
 }
 
+// cp.async.cg: 16 bytes global -> shared, asynchronously; with `src_valid` false the 16 bytes
+// are zero-filled and nothing is read (gmem must still be a valid address). Copies issued
+// before a cp_async_commit form one group; cp_async_wait<N> waits until at most N of this
+// thread's groups are in flight. Other threads see the data only after a barrier. Host branch
+// (DESIGN §4.1): the destination is poisoned (NaN) at issue and the copy lands only at the
+// wait that covers its group, so a missing wait or barrier is a wrong answer or a race report.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool src_valid) {
+#if defined(SELATTN_HOST_EMULATION)
+  std::memset(smem, 0xff, 16);
+  ::selattn::emu::cp_async_push({smem, gmem, 16u, src_valid ? 16u : 0u});
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(src_valid ? 16 : 0)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(SELATTN_HOST_EMULATION)
+  ::selattn::emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(SELATTN_HOST_EMULATION)
+  ::selattn::emu::AsyncCopy landing[16];
+  while (const size_t n = ::selattn::emu::cp_async_pop(N, landing, 16)) {
+    for (size_t i = 0; i < n; ++i) {
+      const auto& c = landing[i];
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+  }
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 }  // namespace selattn::cuda

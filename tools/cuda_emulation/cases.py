@@ -178,6 +178,7 @@ class DecodeCase:
     sel_head: int = 0
     steps: int = 8
     ragged: bool = False
+    split_cols: Optional[int] = None  # key columns per split-KV CTA (None: the launcher's plan)
     seed: int = 0
 
     @property
@@ -209,7 +210,7 @@ def check_decode(emu, c: DecodeCase) -> list:
         lengths = (torch.randint(0, n + 1, (B,), generator=g) if c.ragged and s % 3 == 2
                    else None)
         out = emu.decode_step(q, k, v, kc, vc, f, pos, seq, lengths, D ** -0.5, c.sel_head % Hq,
-                              c.budget, c.tau)
+                              c.budget, c.tau, split_cols=c.split_cols)
         lens = None if lengths is None else lengths.tolist()
         expected = oracle.step(q.double(), k.double(), v.double(), lengths=lens)
         # Eager low precision: the reference in the accumulation type, output rounded to dtype.
@@ -227,10 +228,12 @@ def check_decode(emu, c: DecodeCase) -> list:
             theirs = dict(zip(oracle.seqs[b]["pos"], oracle.seqs[b]["f"].tolist()))
             if set(ours) != set(theirs) or any(abs(ours[p] - theirs[p]) > ftol for p in ours):
                 same_state = False
+    evicted = sum(seq.tolist()) - sum(len(r) for r in oracle.positions())  # tokens pruned
     passed = same_state and worst <= worst_tol and bool(torch.isfinite(out).all())
     return [dict(kernel="decode", dtype=NAMES[c.dtype], head_dim=D, shape=c.shape,
                  chunk=c.max_chunk, tau=c.tau, sel_head=c.sel_head, ragged=c.ragged,
-                 steps=c.steps, max_err=worst, tol=worst_tol, passed=bool(passed))]
+                 steps=c.steps, split_cols=c.split_cols, evicted=evicted, max_err=worst,
+                 tol=worst_tol, passed=bool(passed))]
 
 
 # ---- the matrices ----------------------------------------------------------------------------
@@ -275,7 +278,24 @@ def ci_decode_cases():
     return [DecodeCase(torch.float32, 64, steps=6, budget=5, max_chunk=3, ragged=True, seed=1),
             DecodeCase(torch.float64, 32, steps=6, budget=4, tau=1.5, sel_head=1, seed=2),
             DecodeCase(torch.bfloat16, 64, steps=5, budget=5, seed=3),
-            DecodeCase(torch.float16, 128, steps=5, budget=4, max_chunk=2, seed=4)]
+            DecodeCase(torch.float16, 128, steps=5, budget=4, max_chunk=2, seed=4),
+            # GQA group of 4 in one CTA, 3 splits, the selection head in the second group.
+            DecodeCase(torch.bfloat16, 128, heads_q=8, heads_kv=2, batch=2, budget=7, steps=10,
+                       sel_head=6, split_cols=3, seed=5)]
+
+
+def decode_defect_probes():
+    """Small decode cases that a broken split combine, barrier, cp.async wait or eviction cut
+    must fail: several splits with different maxima, several tiles per CTA, GQA groups, chunks
+    that evict several tokens at once."""
+    # 100 columns per split: 4 tiles of 32 (fp32, D = 64), so a stage is refilled after use.
+    return [DecodeCase(torch.float32, 64, heads_q=4, heads_kv=2, batch=2, budget=120,
+                       max_chunk=32, steps=6, sel_head=3, split_cols=100, seed=40),
+            DecodeCase(torch.bfloat16, 128, heads_q=4, heads_kv=1, batch=1, budget=60,
+                       max_chunk=32, steps=4, sel_head=1, seed=41),
+            # Chunks over a small budget: several evictions a step (the one-pass select).
+            DecodeCase(torch.float32, 32, heads_q=4, heads_kv=2, batch=2, budget=8,
+                       max_chunk=6, steps=8, sel_head=2, split_cols=5, seed=42)]
 
 
 def full_prefill_cases():
@@ -306,6 +326,32 @@ def full_decode_cases():
                                 ragged=True, sel_head=3, steps=8, seed=20))
         cases.append(DecodeCase(dt, d, heads_q=2, heads_kv=1, batch=1, budget=40, max_chunk=1,
                                 tau=0.8, steps=10, seed=21))
+    # Split-KV GQA decode: groups of 1..16 q heads per CTA (more than one pass of kRows rows
+    # where kRows < G), budgets that force eviction, several splits (forced narrow, or the
+    # launcher's own plan at a larger cache), B > 1, every dtype and head dim.
+    dts = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for i, (grp, d) in enumerate(itertools.product((1, 3, 4, 8, 16), (32, 64, 96, 128, 256))):
+        dt = dts[i % 4]
+        cases.append(DecodeCase(dt, d, heads_q=2 * grp, heads_kv=2, batch=2, budget=9,
+                                steps=14, sel_head=2 * grp - 1, split_cols=(4, 7, None)[i % 3],
+                                ragged=i % 2 == 1, seed=30 + i))
+    # Chunks whose rows (G x c) take several passes, a token's heads split across two passes.
+    for i, (dt, d, grp, chunk) in enumerate(((torch.bfloat16, 128, 3, 6),
+                                             (torch.float32, 256, 3, 5),
+                                             (torch.float64, 96, 2, 4),
+                                             (torch.float16, 64, 5, 7))):
+        cases.append(DecodeCase(dt, d, heads_q=2 * grp, heads_kv=2, batch=2, budget=8,
+                                max_chunk=chunk, steps=8, sel_head=grp + 1, split_cols=5,
+                                ragged=True, seed=60 + i))
+    # The launcher's own split plan over a larger cache (several splits, several tiles each),
+    # ragged B = 3 with a threshold.
+    for i, dt in enumerate(dts):
+        cases.append(DecodeCase(dt, (64, 128, 32, 256)[i], heads_q=4, heads_kv=1, batch=1,
+                                budget=150, max_chunk=48, steps=6, sel_head=2, seed=70 + i))
+        cases.append(DecodeCase(dt, (128, 32, 256, 64)[i], heads_q=6, heads_kv=3, batch=3,
+                                budget=12, max_chunk=2, steps=12, tau=1.2, ragged=True,
+                                sel_head=5, split_cols=6, seed=80 + i))
+    cases.extend(decode_defect_probes())
     return cases
 
 

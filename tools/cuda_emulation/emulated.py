@@ -90,6 +90,34 @@ DEFECTS.update({
     ),
 })
 
+# Defects of the decode kernels (csrc/cuda/decode), caught by cases.decode_defect_probes().
+DEFECTS.update({
+    # The split combine forgets to rescale each split's partial sums to the common max.
+    "decode_split_combine": (
+        "cuda/decode/kernels.cuh",
+        "      if (part_l[s] > A(0)) sum += part_acc[s * D + d] * exp_acc(part_m[s] - mx);\n",
+        "      if (part_l[s] > A(0)) sum += part_acc[s * D + d];\n",
+    ),
+    # The barrier after P V is gone: the next tile's cp.async refills a stage still being read.
+    "decode_missing_barrier": (
+        "cuda/decode/kernels.cuh",
+        "      __syncthreads();  // this stage and sc_s/corr_s are free for the next tile\n",
+        "",
+    ),
+    # The chunk eviction's cut on positions off by one: the last victim stays.
+    "decode_radix_cut": (
+        "cuda/decode/kernels.cuh",
+        "      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) <= pcut)) pos[j] = -1;\n",
+        "      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) < pcut)) pos[j] = -1;\n",
+    ),
+    # One stage too few waited for: tile i is read before its cp.async copies land.
+    "decode_missing_wait": (
+        "cuda/decode/kernels.cuh",
+        "      cp_async_wait<1>();  // this thread's copies of tile i have landed\n",
+        "      cp_async_wait<2>();  // this thread's copies of tile i have landed\n",
+    ),
+})
+
 SANITIZE_FLAGS = {
     None: ["-O2"],
     "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
@@ -502,8 +530,13 @@ class Emulation:
         return tuple(grads)
 
     def decode_step(self, q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head,
-                    budget, tau):
-        """As torch.ops.selattn.decode_step on CUDA: returns out; updates the cache tensors."""
+                    budget, tau, split_cols: Optional[int] = None):
+        """As torch.ops.selattn.decode_step on CUDA: returns out; updates the cache tensors.
+        `split_cols` forces the key columns per split-KV CTA (default: the launcher's plan)."""
+        if split_cols is None:
+            os.environ.pop("SELATTN_EMU_DECODE_SPLIT_COLS", None)
+        else:
+            os.environ["SELATTN_EMU_DECODE_SPLIT_COLS"] = str(int(split_cols))
         B, Hq, c, D = q.shape
         ints = [DTYPE_CODE[q.dtype], B, Hq, k.shape[1], c, D, k_cache.shape[2], budget, sel_head,
                 int(tau is not None)]
@@ -516,7 +549,9 @@ class Emulation:
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[t.data_ptr() if t is not None else None
                                                   for t in ptrs])
         rc = self._call(self.lib.selattn_emu_decode, ints_arr, reals, ptr_arr)
-        self._finish(rc, "decode_step", ["select_kernel", "attend_kernel", "finish_kernel"])
+        launched = self._finish(rc, "decode_step", ["attend_kernel", "finish_kernel"])
+        if len(launched) != 2:  # a step is two launches (CUDA-graph friendly)
+            raise EmulationError(f"decode_step: expected two launches, ran {launched}")
         return out
 
 
@@ -546,7 +581,8 @@ def prefill_varlen_bwd(dout, q, k, v, q_sel, k_sel, cu_seqlens, max_seqlen, out,
                                      lse, dlse, scale, dmem, mem_tau, path=path)
 
 
-def decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head, budget, tau):
+def decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale, sel_head, budget, tau,
+                split_cols=None):
     """See Emulation.decode_step (default, unsanitized build)."""
     return load().decode_step(q, k, v, k_cache, v_cache, f, pos, seq_len, lengths, scale,
-                              sel_head, budget, tau)
+                              sel_head, budget, tau, split_cols)

@@ -137,7 +137,8 @@ def main() -> int:
                     help="also check the planted defects (all, or the ones named)")
     ap.add_argument("--no-long", action="store_true",
                     help="skip the long-N cases (for the slower sanitizer builds)")
-    ap.add_argument("--only", help="run only cases whose description contains this")
+    ap.add_argument("--only", help="run only cases whose kind (prefill/decode/varlen) or "
+                                   "description contains this")
     ap.add_argument("--resume", action="store_true",
                     help="keep the records already in --json and run only the missing cases "
                          "(the file is rewritten after every case, so a long run can stop)")
@@ -157,7 +158,7 @@ def main() -> int:
     work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode] + \
         [("varlen", c) for c in varlen]
     if args.only:
-        work = [(k, c) for k, c in work if args.only in repr(c)]
+        work = [(k, c) for k, c in work if args.only in f"{k} {c!r}"]  # "decode", "bfloat16", ...
     if args.no_long:
         work = [(k, c) for k, c in work if getattr(c, "seqlen", 0) < 512]
     # The commit is taken now: the tree may move on while a long sanitizer run goes.
@@ -246,15 +247,22 @@ def main() -> int:
             for name in args.defects or list(emulated.DEFECTS):
                 t0 = time.time()
                 broken = emulated.load(sanitize=args.sanitize, defect=name)
-                probe = [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
-                         cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc"),
-                         *cases.ci_varlen_cases()]
+                decode_defect = emulated.DEFECTS[name][0].startswith("cuda/decode/")
+                probe = (cases.decode_defect_probes() if decode_defect else
+                         [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
+                          cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc"),
+                          *cases.ci_varlen_cases()])
                 caught, how = False, []
                 for c in probe:
-                    label = c.path + (" varlen" if isinstance(c, cases.VarlenCase) else "")
+                    label = getattr(c, "path", "decode")
+                    label += " varlen" if isinstance(c, cases.VarlenCase) else ""
                     try:
-                        recs = (cases.check_varlen(broken, c) if isinstance(c, cases.VarlenCase)
-                                else cases.check_prefill(broken, c))
+                        if decode_defect:
+                            recs = cases.check_decode(broken, c)
+                        elif isinstance(c, cases.VarlenCase):
+                            recs = cases.check_varlen(broken, c)
+                        else:
+                            recs = cases.check_prefill(broken, c)
                         if not all(r["passed"] for r in recs):
                             caught = True
                             how.append(f"{label}: comparison failed")

@@ -1,26 +1,30 @@
 // CUDA kernels of one pruned-KV-cache step (DESIGN §3; semantics in decode_params.h).
 // Torch-free: included by csrc/cuda/instantiations/decode_<dtype>.cu, one set per element type.
 //
-// Three launches per step, flash-decoding style. The new tokens are read from k_new/v_new as
-// extra "virtual" key columns slots .. slots+c-1, so nothing is written to the cache until the
-// last kernel, and no kernel races another on the cache:
-//   1. select: grid (column blocks, B). For every key column j (cached slot or new token) and
-//      every new query t: off[t][j] = F_j + sum_{t'<t} S[t',j] if pos(j) <= pos(t) else +inf,
-//      and fnew[j] = F_j + sum_t S[t,j]. S uses the selection head only: once per sequence.
-//   2. attend: grid (splits x query rows, B). Each CTA runs an online softmax over its share of
-//      the columns for one query row (head h, token t) with logits s q.k - off, and writes a
-//      partial state (max, sum, unnormalised output) to the workspace.
-//   3. finish: grid (1 + row blocks, B). Blocks >= 1 merge the partial states into `out`;
+// Two launches per step, FlashAttention-2 split-KV style, no host synchronisation and no
+// allocation (the workspace is the caller's), so a step can be captured in a CUDA graph. The
+// new tokens are read from k_new/v_new as extra "virtual" key columns slots .. slots+c-1, so
+// nothing is written to the cache until the second kernel, and no kernel races another on it:
+//   1. attend: grid (splits, Hkv, B). One CTA per (column range, kv group, sequence) holds the
+//      q heads of the group (rows h * c + t, in passes of kRows rows), so each K/V row is read
+//      once per group. The range is streamed through shared memory in tiles of kCols columns
+//      with cp.async, two stages (the next tile's 16-byte loads are in flight while this tile
+//      is used). Offsets F_j + sum_{t'<t} S[t',j] are formed per tile: S (the selection head's
+//      relu(q.k)) is computed where it is needed, by the CTA of the selection head's group
+//      (whose running sums become the new F) and, for chunks (c > 1), by every CTA for its own
+//      offsets. Each CTA writes a partial softmax state (max, sum, unnormalised output) per row.
+//   2. finish: grid (1 + row blocks, B). Blocks >= 1 merge the partial states into `out`;
 //      block 0 commits the step for its sequence: F update, insertion of the new tokens into
-//      free slots, eviction (tau, then budget argmax with ties to the oldest, never BOS) and
-//      seq_len. Block 0 writes only cache state, which blocks >= 1 never read.
-// Loads are 16 bytes wide: a row of D elements is NV = D * sizeof(T) / 16 vectors, read by a
-// group of LPK lanes (a power of two dividing NV), VPL = NV / LPK vectors per lane.
+//      free slots, eviction (tau, then the budget: largest F first, ties to the oldest, never
+//      BOS; one block-wide radix select when a chunk evicts more than a couple) and seq_len.
+//      Block 0 writes only cache state, which blocks >= 1 never read.
+// The number of splits comes from the SM count the caller passes (queried once and cached).
 #pragma once
 
 #include "cuda/arch.cuh"
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "decode_params.h"
@@ -30,46 +34,90 @@ namespace selattn::cuda::decode {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int kSelectThreads = 128;
 constexpr int kAttendThreads = 128;
+constexpr int kAttendWarps = kAttendThreads / 32;
 constexpr int kFinishThreads = 256;
 constexpr int kFinishRowsPerBlock = kFinishThreads / 32;  // one warp per query row
+constexpr int kStages = 2;                 // cp.async stages of the K/V tiles
+constexpr int kMaxCols = 32;               // key columns per tile (at most)
+constexpr size_t kStageBudget = 36 * 1024;  // K+V tiles of every stage, bytes
+constexpr size_t kRowBudget = 4096;         // bytes of the q rows of one pass
+constexpr int64_t kColsGranule = 32;        // split boundaries are multiples of this
+constexpr int64_t kMinColsPerSplit = 64;    // fewer columns per CTA cost more to merge
+constexpr int64_t kTargetCtasPerSm = 4;     // attend CTAs per SM to aim for (fits smem)
 
-__host__ __device__ constexpr int largest_pow2_divisor(int n, int cap) {
-  int p = 1;
-  while (p * 2 <= cap && n % (p * 2) == 0) p *= 2;
-  return p;
+__host__ __device__ constexpr size_t up16(size_t x) { return (x + 15) / 16 * 16; }
+__host__ __device__ constexpr int clamp_int(int x, int lo, int hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// Tile shapes and the shared-memory layout of the attend kernel for (T, D).
 template <typename T, int D>
-struct Layout {
+struct Tile {
+  using A = acc_t<T>;
   static constexpr int kElemsPerVec = 16 / static_cast<int>(sizeof(T));
   static_assert(D % kElemsPerVec == 0, "head_dim must fill whole 16-byte vectors");
-  static constexpr int kVecs = D / kElemsPerVec;                  // NV
-  static constexpr int kLanes = largest_pow2_divisor(kVecs, 32);  // LPK
-  static constexpr int kVecsPerLane = kVecs / kLanes;             // VPL
-  static constexpr int kRegs = kVecsPerLane * kElemsPerVec;       // elements held per lane
+  static constexpr int kVecs = D / kElemsPerVec;  // 16-byte vectors per row
+  // Shared rows padded by 16 bytes: threads reading consecutive rows hit different banks.
+  static constexpr int kRowBytes = D * static_cast<int>(sizeof(T)) + 16;
+  static constexpr int kRows = clamp_int(static_cast<int>(kRowBudget / (D * sizeof(A))), 2, 16);
+  static constexpr int kAccVecs = (kRows * kVecs + kAttendThreads - 1) / kAttendThreads;
+  // Layout for n columns per tile: K/V stages, then q and q_sel [kRows][D], logits and S
+  // [kRows][n], running F and positions [n], row statistics m, l, corr [kRows].
+  static constexpr size_t stage_bytes(int n) { return 2 * static_cast<size_t>(n) * kRowBytes; }
+  static constexpr size_t bytes_for(int n) {
+    return kStages * stage_bytes(n) + 2 * up16(kRows * D * sizeof(A)) +
+           2 * up16(kRows * n * sizeof(A)) + up16(n * sizeof(A)) + up16(n * sizeof(int64_t)) +
+           up16(3 * kRows * sizeof(A));
+  }
+  // The widest tile within the stage budget whose whole layout fits the default 48 KiB.
+  static constexpr int pick_cols() {
+    for (int n = kMaxCols; n > 1; --n)
+      if (kStages * stage_bytes(n) <= kStageBudget && bytes_for(n) <= 48 * 1024) return n;
+    return 1;
+  }
+  static constexpr int kCols = pick_cols();
+  static constexpr size_t kStageBytes = stage_bytes(kCols);
+  static constexpr size_t kQAt = kStages * kStageBytes;
+  static constexpr size_t kQselAt = kQAt + up16(kRows * D * sizeof(A));
+  static constexpr size_t kScoreAt = kQselAt + up16(kRows * D * sizeof(A));
+  static constexpr size_t kSelAt = kScoreAt + up16(kRows * kCols * sizeof(A));
+  static constexpr size_t kRunAt = kSelAt + up16(kRows * kCols * sizeof(A));
+  static constexpr size_t kPosAt = kRunAt + up16(kCols * sizeof(A));
+  static constexpr size_t kStatAt = kPosAt + up16(kCols * sizeof(int64_t));
+  static constexpr size_t kBytes = kStatAt + up16(3 * kRows * sizeof(A));
+  static_assert(kBytes == bytes_for(kCols), "layout and size disagree");
+  static_assert(kBytes <= 48 * 1024, "attend kernel: shared memory over the default 48 KiB");
 };
 
-// Workspace carve-up, shared by the host (sizes) and the kernels (pointers).
+// The split plan and the workspace carve-up, shared by the host (sizes) and the kernels
+// (pointers). Depends on the shapes and p.num_sms only.
 struct Workspace {
-  int64_t ncols;  // slots + chunk
-  int64_t rows;   // heads_q * chunk
-  int64_t splits;
-  size_t off_at, fnew_at, part_m_at, part_l_at, part_acc_at, new_slot_at, bytes;
+  int64_t ncols;           // slots + chunk
+  int64_t splits, cols_per_split;
+  int64_t run_slices;      // running F sums kept per sequence: 1 (decode) or Hkv (chunks)
+  size_t run_at, part_m_at, part_l_at, part_acc_at, new_slot_at, bytes;
 
   __host__ __device__ static size_t round_up(size_t x) { return (x + 255) / 256 * 256; }
 
-  __host__ __device__ Workspace(const DecodeParams& p, int64_t num_splits, size_t acc_size) {
+  __host__ __device__ Workspace(const DecodeParams& p, size_t acc_size) {
     ncols = p.slots + p.chunk;
-    rows = p.heads_q * p.chunk;
-    splits = num_splits;
+    const int64_t sms = p.num_sms > 0 ? p.num_sms : 132;
+    const int64_t ctas = p.batch * p.heads_kv > 0 ? p.batch * p.heads_kv : 1;
+    const int64_t want = (kTargetCtasPerSm * sms + ctas - 1) / ctas;
+    const int64_t most = (ncols + kMinColsPerSplit - 1) / kMinColsPerSplit;
+    int64_t s = want < most ? want : most;
+    s = s < 1 ? 1 : s;
+    cols_per_split = ((ncols + s - 1) / s + kColsGranule - 1) / kColsGranule * kColsGranule;
+    if (p.split_cols > 0) cols_per_split = p.split_cols;
+    splits = (ncols + cols_per_split - 1) / cols_per_split;
+    run_slices = p.chunk > 1 ? p.heads_kv : 1;
+    const size_t states = static_cast<size_t>(p.batch * p.heads_q * p.chunk * splits);
     size_t at = 0;
-    off_at = at, at = round_up(at + acc_size * p.batch * p.chunk * ncols);
-    fnew_at = at, at = round_up(at + acc_size * p.batch * ncols);
-    part_m_at = at, at = round_up(at + acc_size * p.batch * rows * splits);
-    part_l_at = at, at = round_up(at + acc_size * p.batch * rows * splits);
-    part_acc_at = at, at = round_up(at + acc_size * p.batch * rows * splits * p.head_dim);
+    run_at = at, at = round_up(at + acc_size * p.batch * run_slices * ncols);
+    part_m_at = at, at = round_up(at + acc_size * states);
+    part_l_at = at, at = round_up(at + acc_size * states);
+    part_acc_at = at, at = round_up(at + acc_size * states * p.head_dim);
     new_slot_at = at, at = round_up(at + sizeof(int64_t) * p.batch * p.chunk);
     bytes = at;
   }
@@ -77,10 +125,14 @@ struct Workspace {
   __host__ __device__ U* get(void* base, size_t at) const {
     return reinterpret_cast<U*>(static_cast<char*>(base) + at);
   }
+  // Running sums of F for (b, kv head hk); slice 0 is the selection head's group: the new F.
+  template <typename A>
+  __host__ __device__ A* run(void* base, int64_t b, int64_t slice) const {
+    return get<A>(base, run_at) + (b * run_slices + slice) * ncols;
+  }
 };
 
 // ---- element conversion and 16-byte vectors ----------------------------------------------
-
 template <typename T, typename A>
 __device__ __forceinline__ void unpack(const uint4& raw, A* dst) {
   if constexpr (std::is_same_v<T, float>) {
@@ -107,6 +159,17 @@ __device__ __forceinline__ void unpack(const uint4& raw, A* dst) {
   }
 }
 
+template <typename T>
+__device__ __forceinline__ acc_t<T> to_acc(T x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(x);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(x);
+  } else {
+    return x;
+  }
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ T from_acc(A x) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -116,25 +179,6 @@ __device__ __forceinline__ T from_acc(A x) {
   } else {
     return static_cast<T>(x);
   }
-}
-
-// Loads this lane's slice of a row (vectors lane, lane + LPK, ...) as accumulation type.
-template <typename T, int D>
-__device__ __forceinline__ void load_slice(const T* row, int lane, acc_t<T>* dst) {
-  using L = Layout<T, D>;
-  const uint4* v = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-  for (int i = 0; i < L::kVecsPerLane; ++i)
-    unpack<T>(__ldg(v + lane + i * L::kLanes), dst + i * L::kElemsPerVec);
-}
-
-// Sum over the LPK lanes of a group (aligned groups inside one warp). Every lane of the warp
-// must call it.
-template <int Lanes, typename A>
-__device__ __forceinline__ A group_sum(A x) {
-#pragma unroll
-  for (int o = Lanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
@@ -174,153 +218,264 @@ __device__ __forceinline__ const T* value_row(const DecodeParams& p, int64_t b, 
          (j - p.slots) * p.v_new_row_stride;
 }
 
-// ---- 1. selection scores -> per-query F offsets and the updated F ------------------------
 
+// Dot product of an accumulator-type row in shared memory with a T row in shared memory.
 template <typename T, int D>
-__global__ void __launch_bounds__(kSelectThreads)
-    select_kernel(const DecodeParams p, const Workspace ws) {
+__device__ __forceinline__ acc_t<T> dot_row(const acc_t<T>* a, const unsigned char* t_row) {
   using A = acc_t<T>;
-  using L = Layout<T, D>;
-  constexpr int kGroups = kSelectThreads / L::kLanes;
-  const int64_t b = blockIdx.y;
-  const int lane = threadIdx.x % L::kLanes;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / L::kLanes;
-  const int64_t m = valid_new(p, b);
-  const int64_t first = p.seq_len[b];
-  const int64_t sel_kv = p.sel_head / (p.heads_q / p.heads_kv);
-  A* off = ws.get<A>(p.workspace, ws.off_at) + b * p.chunk * ws.ncols;
-  A* fnew = ws.get<A>(p.workspace, ws.fnew_at) + b * ws.ncols;
-
-  int64_t pj = -1;
-  A run = A(0);
-  if (j < p.slots) {
-    pj = p.pos[b * p.slots + j];
-    if (pj >= 0) run = static_cast<const A*>(p.f)[b * p.slots + j];
-  } else if (j < ws.ncols && j - p.slots < m) {
-    pj = first + (j - p.slots);
-  }
-  A kreg[L::kRegs];
-  if (pj >= 0) {
-    load_slice<T, D>(key_row<T>(p, b, sel_kv, j), lane, kreg);
-  } else {
+  using L = Tile<T, D>;
+  A sum = A(0);
+#pragma unroll 4
+  for (int vec = 0; vec < L::kVecs; ++vec) {
+    A x[L::kElemsPerVec];
+    unpack<T>(*reinterpret_cast<const uint4*>(t_row + vec * 16), x);
 #pragma unroll
-    for (int e = 0; e < L::kRegs; ++e) kreg[e] = A(0);
+    for (int e = 0; e < L::kElemsPerVec; ++e) sum += a[vec * L::kElemsPerVec + e] * x[e];
   }
-  const T* q_sel = static_cast<const T*>(p.q) + b * p.q_batch_stride + p.sel_head * p.q_head_stride;
-  // Uniform trip count over the block: every lane takes part in every group_sum.
-  for (int64_t t = 0; t < m; ++t) {
-    A qreg[L::kRegs];
-    load_slice<T, D>(q_sel + t * p.q_row_stride, lane, qreg);
-    A part = A(0);
-#pragma unroll
-    for (int e = 0; e < L::kRegs; ++e) part += qreg[e] * kreg[e];
-    const A a = static_cast<A>(p.scale) * group_sum<L::kLanes>(part);
-    if (lane == 0 && j < ws.ncols)
-      off[t * ws.ncols + j] = (pj >= 0 && pj <= first + t) ? run : positive_inf<A>();
-    if (pj > 0 && pj < first + t && a > A(0)) run += a;
-  }
-  if (lane == 0 && j < ws.ncols) fnew[j] = run;
+  return sum;
 }
 
-// ---- 2. split-slot attention: partial softmax states --------------------------------------
+// Same, the T row read from global memory (selection keys of another kv group, chunks only).
+template <typename T, int D>
+__device__ __forceinline__ acc_t<T> dot_global(const acc_t<T>* a, const T* row) {
+  using A = acc_t<T>;
+  using L = Tile<T, D>;
+  const uint4* v = reinterpret_cast<const uint4*>(row);
+  A sum = A(0);
+  for (int vec = 0; vec < L::kVecs; ++vec) {
+    A x[L::kElemsPerVec];
+    unpack<T>(__ldg(v + vec), x);
+#pragma unroll
+    for (int e = 0; e < L::kElemsPerVec; ++e) sum += a[vec * L::kElemsPerVec + e] * x[e];
+  }
+  return sum;
+}
+
+// Position of key column j for sequence b (-1: nothing there). Cached slots hold positions
+// below seq_len; new token u sits at seq_len + u when u < m.
+__device__ __forceinline__ int64_t column_pos(const DecodeParams& p, int64_t b, int64_t j,
+                                              int64_t m, int64_t first) {
+  if (j < p.slots) return p.pos[b * p.slots + j];
+  return j - p.slots < m ? first + (j - p.slots) : -1;
+}
+
+// ---- 1. split-KV attention of one kv group: partial softmax states -------------------------
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttendThreads)
-    attend_kernel(const DecodeParams p, const Workspace ws, int64_t cols_per_split) {
+    attend_kernel(const DecodeParams p, const Workspace ws) {
   using A = acc_t<T>;
-  using L = Layout<T, D>;
-  constexpr int kGroups = kAttendThreads / L::kLanes;
-  const int64_t b = blockIdx.y;
-  const int64_t split = blockIdx.x % ws.splits;
-  const int64_t row = blockIdx.x / ws.splits;  // h * chunk + t
-  const int64_t h = row / p.chunk, t = row % p.chunk;
-  if (t >= valid_new(p, b)) return;  // finish writes zeros for this row
-  const int64_t hk = h / (p.heads_q / p.heads_kv);
-  const int lane = threadIdx.x % L::kLanes;
-  const int group = threadIdx.x / L::kLanes;
-  const A* off = ws.get<A>(p.workspace, ws.off_at) + (b * p.chunk + t) * ws.ncols;
-  const int64_t begin = split * cols_per_split;
-  const int64_t end = begin + cols_per_split < ws.ncols ? begin + cols_per_split : ws.ncols;
+  using L = Tile<T, D>;
+  constexpr int kCols = L::kCols, kRows = L::kRows, E = L::kElemsPerVec;
+  SELATTN_DYNAMIC_SHARED(smem);
+  A* q_s = reinterpret_cast<A*>(smem + L::kQAt);
+  A* qsel_s = reinterpret_cast<A*>(smem + L::kQselAt);
+  A* sc_s = reinterpret_cast<A*>(smem + L::kScoreAt);
+  A* sel_s = reinterpret_cast<A*>(smem + L::kSelAt);
+  A* run_s = reinterpret_cast<A*>(smem + L::kRunAt);
+  int64_t* pos_s = reinterpret_cast<int64_t*>(smem + L::kPosAt);
+  A* m_s = reinterpret_cast<A*>(smem + L::kStatAt);
+  A* l_s = m_s + kRows;
+  A* corr_s = l_s + kRows;
 
-  A qreg[L::kRegs], acc[L::kRegs];
-  load_slice<T, D>(static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                       t * p.q_row_stride,
-                   lane, qreg);
-#pragma unroll
-  for (int e = 0; e < L::kRegs; ++e) acc[e] = A(0);
-  A run_max = -positive_inf<A>(), run_sum = A(0);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int64_t G = p.heads_q / p.heads_kv, c = p.chunk;
+  const int64_t m = valid_new(p, b), first = p.seq_len[b];
+  const int64_t sel_kv = p.sel_head / G;
+  const bool is_sel = hk == sel_kv;
+  // S is needed for the new F (selection group) and for the offsets of later chunk tokens.
+  const bool need_s = is_sel || c > 1;
+  A* run_g = ws.run<A>(p.workspace, b, (hk - sel_kv + p.heads_kv) % p.heads_kv);
+  const int64_t begin = split * ws.cols_per_split;
+  const int64_t end = begin + ws.cols_per_split < ws.ncols ? begin + ws.cols_per_split : ws.ncols;
+  const int64_t ntiles = (end - begin + kCols - 1) / kCols;
   const A scale = static_cast<A>(p.scale);
+  const A* f_cached = static_cast<const A*>(p.f) + b * p.slots;
 
-  for (int64_t base = begin; base < end; base += kGroups) {
-    const int64_t j = base + group;
-    const bool visible = j < end && off[j] != positive_inf<A>();
-    A kreg[L::kRegs];
-    if (visible) {
-      load_slice<T, D>(key_row<T>(p, b, hk, j), lane, kreg);
-    } else {
-#pragma unroll
-      for (int e = 0; e < L::kRegs; ++e) kreg[e] = A(0);
+  // Issues the cp.async copies of tile i (K and V rows) into stage i % kStages. Columns past
+  // the range or with nothing in them are zero-filled, so P V never meets stale bytes.
+  auto issue = [&](int64_t i) {
+    unsigned char* stage = smem + (i % kStages) * L::kStageBytes;
+    const int64_t c0 = begin + i * kCols;
+    for (int v = tid; v < 2 * kCols * L::kVecs; v += kAttendThreads) {
+      const int which = v / (kCols * L::kVecs), rem = v % (kCols * L::kVecs);
+      const int jj = rem / L::kVecs, vec = rem % L::kVecs;
+      const int64_t j = c0 + jj;
+      const bool valid = j < end && column_pos(p, b, j, m, first) >= 0;
+      const T* row = valid ? (which == 0 ? key_row<T>(p, b, hk, j) : value_row<T>(p, b, hk, j))
+                           : static_cast<const T*>(p.k_cache);
+      cp_async_16(stage + (which * kCols + jj) * L::kRowBytes + vec * 16,
+                  reinterpret_cast<const uint4*>(row) + (valid ? vec : 0), valid);
     }
-    A part = A(0);
-#pragma unroll
-    for (int e = 0; e < L::kRegs; ++e) part += qreg[e] * kreg[e];
-    const A dot = group_sum<L::kLanes>(part);
-    if (visible) {
-      const A logit = scale * dot - off[j];
-      const A new_max = logit > run_max ? logit : run_max;
-      const A correction = exp_acc(run_max - new_max);  // 0 on the first visible key
-      const A prob = exp_acc(logit - new_max);
-      A vreg[L::kRegs];
-      load_slice<T, D>(value_row<T>(p, b, hk, j), lane, vreg);
-#pragma unroll
-      for (int e = 0; e < L::kRegs; ++e) acc[e] = acc[e] * correction + prob * vreg[e];
-      run_sum = run_sum * correction + prob;
-      run_max = new_max;
-    }
-  }
+  };
 
-  // Merge the groups of the block.
-  SELATTN_SHARED(sm_max, A[kGroups]);
-  SELATTN_SHARED(sm_sum, A[kGroups]);
-  SELATTN_SHARED(sm_acc, A[kGroups][D]);
-  if (lane == 0) sm_max[group] = run_max, sm_sum[group] = run_sum;
+  const int64_t rows_total = m * G;  // group rows r = t * G + g, t-major
+  for (int64_t r0 = 0; r0 < rows_total; r0 += kRows) {
+    const int nrows = static_cast<int>(rows_total - r0 < kRows ? rows_total - r0 : kRows);
+    const int64_t t_lo = r0 / G;
+    const int ntok = static_cast<int>((r0 + nrows - 1) / G + 1 - t_lo);
+    const int nadvance = static_cast<int>((r0 + nrows) / G - t_lo);  // tokens finished here
+    __syncthreads();  // the previous pass is done with q_s, m_s, l_s
+    for (int x = tid; x < kRows * D; x += kAttendThreads) {
+      const int r = x / D, d = x % D;
+      A qv = A(0);
+      if (r < nrows) {
+        const int64_t row = r0 + r, h = hk * G + row % G, t = row / G;
+        qv = to_acc(static_cast<const T*>(p.q)[b * p.q_batch_stride + h * p.q_head_stride +
+                                               t * p.q_row_stride + d]);
+      }
+      q_s[x] = qv;
+      A qsv = A(0);
+      if (need_s && r < ntok)
+        qsv = to_acc(static_cast<const T*>(p.q)[b * p.q_batch_stride +
+                                                p.sel_head * p.q_head_stride +
+                                                (t_lo + r) * p.q_row_stride + d]);
+      qsel_s[x] = qsv;
+    }
+    if (tid < kRows) m_s[tid] = -positive_inf<A>(), l_s[tid] = A(0), corr_s[tid] = A(1);
+    A acc[L::kAccVecs][E];
 #pragma unroll
-  for (int i = 0; i < L::kVecsPerLane; ++i)
+    for (int k = 0; k < L::kAccVecs; ++k)
 #pragma unroll
-    for (int e = 0; e < L::kElemsPerVec; ++e)
-      sm_acc[group][(lane + i * L::kLanes) * L::kElemsPerVec + e] = acc[i * L::kElemsPerVec + e];
-  __syncthreads();
-  A block_max = -positive_inf<A>();
-  for (int g = 0; g < kGroups; ++g) block_max = sm_max[g] > block_max ? sm_max[g] : block_max;
-  const bool empty = block_max == -positive_inf<A>();  // no visible key in this split
-  const int64_t state = (b * ws.rows + row) * ws.splits + split;
-  A* part_acc = ws.get<A>(p.workspace, ws.part_acc_at) + state * D;
-  for (int d = threadIdx.x; d < D; d += kAttendThreads) {
-    A sum = A(0);
-    if (!empty)
-      for (int g = 0; g < kGroups; ++g)
-        if (sm_sum[g] > A(0)) sum += sm_acc[g][d] * exp_acc(sm_max[g] - block_max);
-    part_acc[d] = sum;
-  }
-  if (threadIdx.x == 0) {
-    A total = A(0);
-    if (!empty)
-      for (int g = 0; g < kGroups; ++g)
-        if (sm_sum[g] > A(0)) total += sm_sum[g] * exp_acc(sm_max[g] - block_max);
-    ws.get<A>(p.workspace, ws.part_m_at)[state] = block_max;
-    ws.get<A>(p.workspace, ws.part_l_at)[state] = total;
+      for (int e = 0; e < E; ++e) acc[k][e] = A(0);
+
+    if (ntiles > 0) issue(0);
+    cp_async_commit();
+    for (int64_t i = 0; i < ntiles; ++i) {
+      if (i + 1 < ntiles) issue(i + 1);
+      cp_async_commit();  // possibly empty: keeps the group count uniform
+      const int64_t c0 = begin + i * kCols;
+      const int ncols = static_cast<int>(end - c0 < kCols ? end - c0 : kCols);
+      if (tid < kCols) {
+        const int64_t j = c0 + tid;
+        const int64_t pj = tid < ncols ? column_pos(p, b, j, m, first) : -1;
+        pos_s[tid] = pj;
+        // Running offset before token t_lo: cached F (0 for a new token) plus earlier passes.
+        run_s[tid] = pj < 0 ? A(0) : (t_lo > 0 ? run_g[j] : (j < p.slots ? f_cached[j] : A(0)));
+      }
+      cp_async_wait<1>();  // this thread's copies of tile i have landed
+      __syncthreads();     // ... and everyone's
+      const unsigned char* k_tile = smem + (i % kStages) * L::kStageBytes;
+      const unsigned char* v_tile = k_tile + kCols * L::kRowBytes;
+
+      if (need_s) {
+        // S[t][j] for the pass's tokens: relu(scale q_sel[t].k_sel[j]) where 0 < pos(j) < L+t.
+        for (int x = tid; x < ntok * kCols; x += kAttendThreads) {
+          const int tt = x / kCols, jj = x % kCols;
+          const int64_t pj = pos_s[jj];
+          A s = A(0);
+          if (pj > 0 && pj < first + t_lo + tt) {
+            const A dot = is_sel ? dot_row<T, D>(qsel_s + tt * D, k_tile + jj * L::kRowBytes)
+                                 : dot_global<T, D>(qsel_s + tt * D,
+                                                    key_row<T>(p, b, sel_kv, c0 + jj));
+            s = scale * dot > A(0) ? scale * dot : A(0);
+          }
+          sel_s[tt * kCols + jj] = s;
+        }
+        __syncthreads();
+        if (tid < ncols) {
+          A run = run_s[tid];
+          for (int tt = 0; tt < nadvance; ++tt) run += sel_s[tt * kCols + tid];
+          run_g[c0 + tid] = run;  // F before token t_lo + nadvance (the new F after the last)
+        }
+      }
+
+      // Logits of the pass's rows: s q.k - (F_j + sum_{t' < t} S[t', j]), -inf where hidden.
+      for (int x = tid; x < kRows * kCols; x += kAttendThreads) {
+        const int r = x / kCols, jj = x % kCols;
+        A logit = -positive_inf<A>();
+        const int64_t pj = pos_s[jj];
+        if (r < nrows && pj >= 0) {
+          const int tt = static_cast<int>((r0 + r) / G - t_lo);
+          if (pj <= first + t_lo + tt) {
+            A off = run_s[jj];
+            if (need_s)
+              for (int u = 0; u < tt; ++u) off += sel_s[u * kCols + jj];
+            logit = scale * dot_row<T, D>(q_s + r * D, k_tile + jj * L::kRowBytes) - off;
+          }
+        }
+        sc_s[x] = logit;
+      }
+      __syncthreads();
+
+      // Online softmax, one warp per row: new max, rescale factor, probabilities in place.
+      for (int r = warp; r < nrows; r += kAttendWarps) {
+        const A v = lane < kCols ? sc_s[r * kCols + lane] : -positive_inf<A>();
+        A mx = v;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const A other = __shfl_xor_sync(0xffffffffu, mx, o);
+          mx = other > mx ? other : mx;
+        }
+        const A m_old = m_s[r];
+        const A m_new = m_old > mx ? m_old : mx;
+        const bool none = m_new == -positive_inf<A>();  // nothing visible so far
+        const A prob = none || v == -positive_inf<A>() ? A(0) : exp_acc(v - m_new);
+        const A corr = none || m_old == -positive_inf<A>() ? A(none ? 1 : 0)
+                                                            : exp_acc(m_old - m_new);
+        A sum = prob;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        __syncwarp();  // every lane has read m_s[r] and sc_s before they are overwritten
+        if (lane < kCols) sc_s[r * kCols + lane] = prob;
+        if (lane == 0) l_s[r] = l_s[r] * corr + sum, m_s[r] = m_new, corr_s[r] = corr;
+      }
+      __syncthreads();
+
+      // acc = acc * corr + P V for this thread's 16-byte slices of the output rows.
+#pragma unroll
+      for (int k = 0; k < L::kAccVecs; ++k) {
+        const int o = tid + k * kAttendThreads;
+        if (o < nrows * L::kVecs) {
+          const int r = o / L::kVecs, vec = o % L::kVecs;
+          const A corr = corr_s[r];
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[k][e] *= corr;
+          for (int jj = 0; jj < ncols; ++jj) {
+            const A pr = sc_s[r * kCols + jj];
+            A vv[E];
+            unpack<T>(*reinterpret_cast<const uint4*>(v_tile + jj * L::kRowBytes + vec * 16), vv);
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[k][e] += pr * vv[e];
+          }
+        }
+      }
+      __syncthreads();  // this stage and sc_s/corr_s are free for the next tile
+    }
+    cp_async_wait<0>();  // the trailing (empty) group
+
+    // Partial state of each row of the pass for this split.
+#pragma unroll
+    for (int k = 0; k < L::kAccVecs; ++k) {
+      const int o = tid + k * kAttendThreads;
+      if (o < nrows * L::kVecs) {
+        const int r = o / L::kVecs, vec = o % L::kVecs;
+        const int64_t row = r0 + r, h = hk * G + row % G, t = row / G;
+        const int64_t state = ((b * p.heads_q + h) * c + t) * ws.splits + split;
+        A* dst = ws.get<A>(p.workspace, ws.part_acc_at) + state * D + vec * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dst[e] = acc[k][e];
+      }
+    }
+    if (tid < nrows) {
+      const int64_t row = r0 + tid, h = hk * G + row % G, t = row / G;
+      const int64_t state = ((b * p.heads_q + h) * c + t) * ws.splits + split;
+      ws.get<A>(p.workspace, ws.part_m_at)[state] = m_s[tid];
+      ws.get<A>(p.workspace, ws.part_l_at)[state] = l_s[tid];
+    }
   }
 }
 
-// ---- 3a. merge the split states into out ---------------------------------------------------
+// ---- 2a. merge the split states into out ---------------------------------------------------
 
 template <typename T, int D>
 __device__ void combine_rows(const DecodeParams& p, const Workspace& ws, int64_t b,
                              int64_t row_block) {
   using A = acc_t<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = row_block * kFinishRowsPerBlock + warp;
-  if (row >= ws.rows) return;
+  const int64_t row = row_block * kFinishRowsPerBlock + warp;  // h * chunk + t
+  if (row >= p.heads_q * p.chunk) return;
   const int64_t h = row / p.chunk, t = row % p.chunk;
   T* o = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
          t * p.out_row_stride;
@@ -328,7 +483,7 @@ __device__ void combine_rows(const DecodeParams& p, const Workspace& ws, int64_t
     for (int d = lane; d < D; d += 32) o[d] = from_acc<T>(A(0));
     return;
   }
-  const int64_t first_state = (b * ws.rows + row) * ws.splits;
+  const int64_t first_state = (b * p.heads_q * p.chunk + row) * ws.splits;
   const A* part_m = ws.get<A>(p.workspace, ws.part_m_at) + first_state;
   const A* part_l = ws.get<A>(p.workspace, ws.part_l_at) + first_state;
   const A* part_acc = ws.get<A>(p.workspace, ws.part_acc_at) + first_state * D;
@@ -347,7 +502,7 @@ __device__ void combine_rows(const DecodeParams& p, const Workspace& ws, int64_t
   }
 }
 
-// ---- 3b. commit: F update, insertion, eviction ---------------------------------------------
+// ---- 2b. commit: F update, insertion, eviction ---------------------------------------------
 
 struct Victim {
   double f;
@@ -361,19 +516,81 @@ __device__ __forceinline__ bool evict_first(const Victim& a, const Victim& b) {
   return a.f > b.f || (a.f == b.f && a.pos < b.pos);
 }
 
+// F as unsigned bits whose order is F's numeric order (NaN as +inf, as on the CPU; -0 as +0).
+__device__ __forceinline__ uint32_t order_bits(float x) {
+  if (x != x) x = __int_as_float(0x7f800000);
+  if (x == 0.0f) x = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ uint64_t order_bits(double x) {
+  if (x != x) x = __longlong_as_double(0x7ff0000000000000LL);
+  if (x == 0.0) x = 0.0;
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// Block-wide radix select (8-bit digits, most significant first) over the slots j < S with
+// in(j): the k-th (1-based) key in descending order if kLargest, else ascending. Returns that
+// key and sets k to its rank among the slots holding exactly that key. One pass over the slots
+// per digit, each thread touching only the slots j = tid (mod kFinishThreads).
+template <bool kLargest, typename U, typename Key, typename In>
+__device__ U radix_select(int64_t S, int64_t& k, Key key, In in) {
+  static_assert(kFinishThreads == 256, "one histogram bin per thread");
+  SELATTN_SHARED(hist, unsigned[256]);
+  SELATTN_SHARED(sel, unsigned long long[2]);  // the prefix so far, the remaining rank
+  const int tid = threadIdx.x;
+  U prefix = 0, mask = 0;
+  for (int shift = static_cast<int>(sizeof(U)) * 8 - 8; shift >= 0; shift -= 8) {
+    hist[tid] = 0;
+    __syncthreads();
+    for (int64_t j = tid; j < S; j += kFinishThreads)
+      if (in(j)) {
+        const U x = key(j);
+        if ((x & mask) == prefix) atomicAdd(&hist[(x >> shift) & 0xff], 1u);
+      }
+    __syncthreads();
+    if (tid == 0) {
+      int64_t rest = k;
+      int digit = kLargest ? 0 : 255;
+      for (int i = 0; i < 256; ++i) {
+        const int d = kLargest ? 255 - i : i;
+        if (static_cast<int64_t>(hist[d]) >= rest) {
+          digit = d;
+          break;
+        }
+        rest -= hist[d];
+      }
+      sel[0] = static_cast<unsigned long long>(prefix | (static_cast<U>(digit) << shift));
+      sel[1] = static_cast<unsigned long long>(rest);
+    }
+    __syncthreads();
+    prefix = static_cast<U>(sel[0]);
+    k = static_cast<int64_t>(sel[1]);
+    mask |= static_cast<U>(0xff) << shift;
+    __syncthreads();  // everyone has read sel (and tid 0 the histogram) before the next digit
+  }
+  return prefix;
+}
+
+// More budget evictions than this in one step (chunks) use one radix select instead of rounds.
+constexpr int64_t kEvictRounds = 2;
+
 template <typename T, int D>
 __device__ void commit(const DecodeParams& p, const Workspace& ws, int64_t b) {
   using A = acc_t<T>;
-  using L = Layout<T, D>;
+  using L = Tile<T, D>;
   constexpr int kWarps = kFinishThreads / 32;
-  SELATTN_SHARED(sm_count, int64_t[kFinishThreads]);
+  SELATTN_SHARED(sm_count, int64_t[kWarps]);
   SELATTN_SHARED(sm_victim, Victim[kWarps]);
   SELATTN_SHARED(sm_used, unsigned long long);
   const int tid = threadIdx.x;
   const int64_t S = p.slots, m = valid_new(p, b), first = p.seq_len[b];
   int64_t* pos = p.pos + b * S;
   A* f = static_cast<A*>(p.f) + b * S;
-  const A* fnew = ws.get<A>(p.workspace, ws.fnew_at) + b * ws.ncols;
+  const A* fnew = ws.run<A>(p.workspace, b, 0);  // written by the selection group's CTAs
   int64_t* new_slot = ws.get<int64_t>(p.workspace, ws.new_slot_at) + b * p.chunk;
 
   // Free slots, numbered in slot order: thread tid owns slots [lo, hi).
@@ -381,18 +598,26 @@ __device__ void commit(const DecodeParams& p, const Workspace& ws, int64_t b) {
   const int64_t lo = tid * per < S ? tid * per : S, hi = lo + per < S ? lo + per : S;
   int64_t free_here = 0;
   for (int64_t j = lo; j < hi; ++j) free_here += pos[j] < 0;
-  sm_count[tid] = free_here;
   for (int64_t u = tid; u < m; u += kFinishThreads) new_slot[u] = -1;
+  // Exclusive prefix of the free counts over the threads: a scan in each warp, then the warp
+  // totals.
+  int64_t incl = free_here;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t below = __shfl_up_sync(0xffffffffu, incl, o);
+    if (tid % 32 >= o) incl += below;
+  }
+  if (tid % 32 == 31) sm_count[tid / 32] = incl;
   __syncthreads();
-  if (tid == 0)
-    for (int i = 1; i < kFinishThreads; ++i) sm_count[i] += sm_count[i - 1];
-  __syncthreads();
-  int64_t rank = tid == 0 ? 0 : sm_count[tid - 1];
+  int64_t rank = incl - free_here;
+  for (int w = 0; w < tid / 32; ++w) rank += sm_count[w];
   for (int64_t j = lo; j < hi && rank < m; ++j)
     if (pos[j] < 0) new_slot[rank++] = j;
-  // Step 3 for the tokens that were already cached (free slots keep their stale F).
-  for (int64_t j = tid; j < S; j += kFinishThreads)
-    if (pos[j] >= 0) f[j] = fnew[j];
+  // Step 3 for the tokens that were already cached (free slots keep their stale F). Without
+  // new tokens (a ragged batch's idle sequence) nothing was accumulated and F stays.
+  if (m > 0)
+    for (int64_t j = tid; j < S; j += kFinishThreads)
+      if (pos[j] >= 0) f[j] = fnew[j];
   __syncthreads();  // all reads of pos above happen before the insertion below
 
   // Step 1, committed: the new tokens take their slots (tokens without one are dropped, which
@@ -433,11 +658,31 @@ __device__ void commit(const DecodeParams& p, const Workspace& ws, int64_t b) {
   atomicAdd(&sm_used, used_here);
   __syncthreads();
   int64_t used = static_cast<int64_t>(sm_used);
+  if (used - p.budget > kEvictRounds) {
+    // The excess in one pass: the excess-th largest F (radix select), then among the slots at
+    // exactly that F the oldest ones (a second select on positions). BOS is never a candidate;
+    // with budget >= 1 the excess never exceeds the candidates.
+    using U = std::conditional_t<std::is_same_v<A, double>, uint64_t, uint32_t>;
+    int64_t k = used - p.budget;
+    const U fcut = radix_select<true, U>(
+        S, k, [&](int64_t j) { return order_bits(f[j]); }, [&](int64_t j) { return pos[j] > 0; });
+    const uint64_t pcut = radix_select<false, uint64_t>(
+        S, k, [&](int64_t j) { return static_cast<uint64_t>(pos[j]); },
+        [&](int64_t j) { return pos[j] > 0 && order_bits(f[j]) == fcut; });
+    for (int64_t j = tid; j < S; j += kFinishThreads) {
+      if (pos[j] <= 0) continue;
+      const U x = order_bits(f[j]);
+      if (x > fcut || (x == fcut && static_cast<uint64_t>(pos[j]) <= pcut)) pos[j] = -1;
+    }
+    used = p.budget;
+  }
   while (used > p.budget) {
     Victim best{0.0, 0, -1};
     for (int64_t j = tid; j < S; j += kFinishThreads) {
       if (pos[j] <= 0) continue;
-      const Victim c{static_cast<double>(f[j]), pos[j], j};
+      // NaN (only from non-finite inputs) sorts as +inf, as on the CPU.
+      const double fj = static_cast<double>(f[j]);
+      const Victim c{fj != fj ? static_cast<double>(positive_inf<A>()) : fj, pos[j], j};
       if (evict_first(c, best)) best = c;
     }
 #pragma unroll
@@ -479,21 +724,15 @@ __global__ void __launch_bounds__(kFinishThreads)
 
 template <typename T, int D>
 cudaError_t launch(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  using L = Layout<T, D>;
-  constexpr int kSelectCols = kSelectThreads / L::kLanes;
-  const dim3 select_grid(static_cast<unsigned>((ws.ncols + kSelectCols - 1) / kSelectCols),
+  using L = Tile<T, D>;
+  const dim3 attend_grid(static_cast<unsigned>(ws.splits), static_cast<unsigned>(p.heads_kv),
                          static_cast<unsigned>(p.batch));
-  cudaError_t err =
-      launch_kernel(select_kernel<T, D>, select_grid, dim3(kSelectThreads), 0, stream, p, ws);
+  cudaError_t err = launch_kernel(attend_kernel<T, D>, attend_grid, dim3(kAttendThreads),
+                                  L::kBytes, stream, p, ws);
   if (err != cudaSuccess) return err;
-  const int64_t cols_per_split = (ws.ncols + ws.splits - 1) / ws.splits;
-  const dim3 attend_grid(static_cast<unsigned>(ws.splits * ws.rows),
-                         static_cast<unsigned>(p.batch));
-  err = launch_kernel(attend_kernel<T, D>, attend_grid, dim3(kAttendThreads), 0, stream, p, ws,
-                      cols_per_split);
-  if (err != cudaSuccess) return err;
+  const int64_t rows = p.heads_q * p.chunk;
   const dim3 finish_grid(
-      static_cast<unsigned>(1 + (ws.rows + kFinishRowsPerBlock - 1) / kFinishRowsPerBlock),
+      static_cast<unsigned>(1 + (rows + kFinishRowsPerBlock - 1) / kFinishRowsPerBlock),
       static_cast<unsigned>(p.batch));
   return launch_kernel(finish_kernel<T, D>, finish_grid, dim3(kFinishThreads), 0, stream, p, ws);
 }

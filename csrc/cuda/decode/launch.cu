@@ -1,5 +1,6 @@
-// Host side of the CUDA decode step: how many CTAs share the slots, the workspace size, the
-// preconditions the kernels rely on (16-byte alignment), and dispatch by element type.
+// Host side of the CUDA decode step: the workspace size (the split plan is in
+// decode::Workspace), the preconditions the kernels rely on (16-byte alignment), and dispatch by
+// element type. Nothing here queries the device: the SM count arrives in DecodeParams.
 #include "cuda/decode/launch.h"
 
 #include <cstdint>
@@ -11,20 +12,6 @@ namespace selattn::cuda {
 namespace {
 
 size_t acc_size(DType t) { return t == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
-// Enough CTAs to fill the GPU a few times over, but at least ~128 columns per CTA so the
-// partial states stay cheap to merge.
-int64_t num_splits(const DecodeParams& p) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    sms = 80;
-  const int64_t ncols = p.slots + p.chunk;
-  const int64_t rows = p.batch * p.heads_q * p.chunk;
-  const int64_t want = (4 * static_cast<int64_t>(sms) + rows - 1) / (rows > 0 ? rows : 1);
-  const int64_t most = (ncols + 127) / 128;
-  return want < 1 ? 1 : (want > most ? most : want);
-}
 
 struct Dim {
   int64_t size, stride;
@@ -47,7 +34,7 @@ bool decode_supported(DType, int64_t head_dim) {
 }
 
 size_t decode_workspace_bytes(const DecodeParams& p) {
-  return decode::Workspace(p, num_splits(p), acc_size(p.dtype)).bytes;
+  return decode::Workspace(p, acc_size(p.dtype)).bytes;
 }
 
 cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream) {
@@ -65,7 +52,7 @@ cudaError_t decode_step(const DecodeParams& p, cudaStream_t stream) {
       !aligned16(p.v_cache, es, {{B, p.v_cache_batch_stride}, {Hkv, p.v_cache_head_stride},
                                  {S, p.v_cache_row_stride}}))
     return cudaErrorMisalignedAddress;
-  const decode::Workspace ws(p, num_splits(p), acc_size(p.dtype));
+  const decode::Workspace ws(p, acc_size(p.dtype));
   if (p.workspace == nullptr || p.workspace_bytes < ws.bytes) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32: return decode::launch_fp32(p, ws, stream);

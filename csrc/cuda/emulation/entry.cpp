@@ -228,6 +228,9 @@ int selattn_emu_decode(const int64_t* ints, const double* reals, void* const* pt
   p.seq_len = static_cast<int64_t*>(ptrs[k++]);
   p.lengths = static_cast<const int64_t*>(ptrs[k++]);
   if (!selattn::cuda::decode_supported(p.dtype, p.head_dim)) return 1;
+  p.num_sms = 132;  // an H100 SXM, as the shim's cudaDeviceGetAttribute says
+  // Tests force narrow column splits (several CTAs per kv group at small budgets).
+  if (const char* cols = std::getenv("SELATTN_EMU_DECODE_SPLIT_COLS")) p.split_cols = std::atoll(cols);
   const size_t bytes = selattn::cuda::decode_workspace_bytes(p);
   Poisoned ws(bytes);
   p.workspace = ws.ptr, p.workspace_bytes = bytes;

@@ -108,6 +108,7 @@ struct Fiber {
   State state = State::kReady;
   void* tsan = nullptr;
   void* asan_fake = nullptr;
+  std::vector<std::vector<AsyncCopy>> async;  // cp.async groups not landed yet
 #if !defined(__x86_64__)
   ucontext_t uc;
 #endif
@@ -329,6 +330,12 @@ void wait_here(Block& b) {
 #endif
   b.body(b.ctx);
   Fiber& f = fiber();
+  for (const auto& group : f.async)
+    if (!group.empty()) {
+      report("thread exited with cp.async copies never waited for (cp.async.wait_group)");
+      b.failed = true;
+      break;
+    }
   f.state = State::kDone;
   --b.live;
   tsan_release(b.exit_sync);
@@ -493,7 +500,7 @@ const unsigned char (*warp_exchange(int kind, unsigned mask, const void* in, siz
     report("lanes of one warp are in different warp collectives (divergence)");
   }
   const uint64_t gen = w.gen;
-  std::memcpy(w.slot[gen & 1][lane], in, bytes);
+  if (bytes > 0) std::memcpy(w.slot[gen & 1][lane], in, bytes);  // __syncwarp hands in nothing
   w.arrived |= 1u << lane;
   if (w.arrived == w.mask) {
     for (int l = 0; l < 32; ++l) {
@@ -614,6 +621,33 @@ void* block_shared(const void* site, size_t bytes, size_t align) {
   char* p = alloc_poisoned(bytes, align);
   b.shared.push_back({site, p, bytes});
   return p;
+}
+
+void cp_async_push(const AsyncCopy& copy) {
+  auto& groups = fiber().async;
+  if (groups.empty()) groups.emplace_back();
+  groups.back().push_back(copy);
+}
+
+void cp_async_commit() {
+  auto& groups = fiber().async;
+  if (groups.empty()) groups.emplace_back();
+  groups.emplace_back();
+}
+
+size_t cp_async_pop(int keep, AsyncCopy* out, size_t cap) {
+  auto& groups = fiber().async;
+  size_t n = 0;
+  while (n < cap && groups.size() > static_cast<size_t>(keep) + 1) {
+    auto& oldest = groups.front();
+    if (oldest.empty()) {
+      groups.erase(groups.begin());
+      continue;
+    }
+    out[n++] = oldest.back();
+    oldest.pop_back();
+  }
+  return n;
 }
 
 unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block().dyn); }

@@ -52,6 +52,22 @@ void check_ldmatrix_row(const void* p);
 // from the fragment tables of the PTX ISA.
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 
+// cp.async as a deferred copy (arch.cuh's host branch). The runtime keeps each thread's copies
+// not landed yet (committed groups oldest first, then the open group) in its own,
+// uninstrumented memory, so the race checker sees only the copies themselves, which arch.cuh
+// performs in the kernel's translation unit. A thread that exits with copies pending is a
+// report.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  uint32_t bytes, src_bytes;
+};
+void cp_async_push(const AsyncCopy& copy);  // into the open group
+void cp_async_commit();                      // the open group becomes committed
+// Takes up to `cap` copies of the committed groups beyond the newest `keep` (they must land
+// now) into out; returns how many (0: none left).
+size_t cp_async_pop(int keep, AsyncCopy* out, size_t cap);
+
 // Shared memory of the running block: one allocation per declaration site, exact size,
 // poisoned with 0xff bytes (NaN in every float format) when the block starts using it.
 void* block_shared(const void* site, size_t bytes, size_t align);
