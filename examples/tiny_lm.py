@@ -30,13 +30,15 @@ class TinyLMConfig:
     mlp_ratio: int = 4
     selective: bool = True  # False: plain causal attention, same parameters (the baseline)
     context: int = 256
+    memory_tau: Optional[float] = None  # set: attention layers keep M for the memory loss
 
 
 class Block(nn.Module):
     def __init__(self, cfg: TinyLMConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = SelectiveSelfAttention(cfg.dim, cfg.heads, cfg.kv_heads, selective=cfg.selective)
+        self.attn = SelectiveSelfAttention(cfg.dim, cfg.heads, cfg.kv_heads, selective=cfg.selective,
+                                           memory_tau=cfg.memory_tau)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim))

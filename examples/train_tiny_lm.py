@@ -2,6 +2,7 @@
 
     python examples/train_tiny_lm.py --steps 300             # selective attention
     python examples/train_tiny_lm.py --steps 300 --baseline  # plain causal attention, same size
+    python examples/train_tiny_lm.py --steps 300 --memloss-eps 0.1  # + the paper's memory loss
     torchrun --nproc-per-node 2 examples/train_tiny_lm.py --parallel fsdp  # or ddp, tp, cp
 """
 
@@ -18,6 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_lm import TinyLM, TinyLMConfig, lm_loss, load_stdlib_bytes, windows  # noqa: E402
 
+import selattn_ext  # noqa: E402
+
 
 @torch.no_grad()
 def evaluate(model: TinyLM, data: torch.Tensor, context: int, batches: int, batch: int) -> float:
@@ -31,9 +34,23 @@ def evaluate(model: TinyLM, data: torch.Tensor, context: int, batches: int, batc
     return sum(losses) / len(losses)
 
 
+def memory_term(model: TinyLM) -> torch.Tensor:
+    """The paper's L_mem for the last forward: mean over layers (and batch) of max_i M / N,
+    M with the layers' ``memory_tau`` (a fraction of the context, so eps does not depend on N)."""
+    mems = [blk.attn.last_memory for blk in model.blocks]
+    if any(m is None for m in mems):
+        raise ValueError("the memory loss needs TinyLMConfig(memory_tau=...) (selective layers)")
+    return selattn_ext.memory_loss(mems) / mems[0].shape[-1]
+
+
 def train(cfg: TinyLMConfig, steps: int, batch: int, lr: float, seed: int, train_data: torch.Tensor,
-          progress: bool = True, log_every: int = 50) -> TinyLM:
-    """AdamW with warm-up and cosine decay; the data order depends only on ``seed``."""
+          progress: bool = True, log_every: int = 50, memloss_eps: float = 0.0) -> TinyLM:
+    """AdamW with warm-up and cosine decay; the data order depends only on ``seed``.
+
+    ``memloss_eps > 0`` adds the paper's auxiliary memory loss, ``eps * mean over layers of
+    max_i M / N`` (needs ``cfg.memory_tau``, the paper's tau = 1), to the LM loss."""
+    if memloss_eps and cfg.memory_tau is None:
+        raise ValueError("memloss_eps needs cfg.memory_tau (e.g. 1.0) so the layers compute M")
     torch.manual_seed(seed)
     model = TinyLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -52,6 +69,8 @@ def train(cfg: TinyLMConfig, steps: int, batch: int, lr: float, seed: int, train
             g["lr"] = lr * scale
         starts = torch.randint(0, len(train_data) - cfg.context - 1, (batch,), generator=gen)
         loss = lm_loss(model, *windows(train_data, cfg.context, starts))
+        if memloss_eps:
+            loss = loss + memloss_eps * memory_term(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -78,15 +97,24 @@ def main() -> None:
     p.add_argument("--parallel", choices=("fsdp", "ddp", "tp", "cp"), default=None,
                    help="under torchrun: data (fsdp, ddp), tensor (tp) or context (cp) "
                         "parallelism (examples/distributed_lm.py)")
+    p.add_argument("--memloss-eps", type=float, default=0.0,
+                   help="weight of the paper's memory loss (mean over layers of max_i M / N, tau = 1); "
+                        "0 disables it")
     args = p.parse_args()
     if args.parallel:
+        if args.memloss_eps:
+            p.error("--memloss-eps is not wired into --parallel yet; train on one process")
         return main_parallel(args)
     train_data, val_data, counts = load_stdlib_bytes()
     print(f"data: {counts}")
+    if args.memloss_eps and args.baseline:
+        p.error("--memloss-eps needs selective attention (drop --baseline)")
     cfg = TinyLMConfig(dim=args.dim, layers=args.layers, heads=args.heads,
-                       selective=not args.baseline, context=args.context)
+                       selective=not args.baseline, context=args.context,
+                       memory_tau=1.0 if args.memloss_eps else None)
     t0 = time.time()
-    model = train(cfg, args.steps, args.batch, args.lr, args.seed, train_data)
+    model = train(cfg, args.steps, args.batch, args.lr, args.seed, train_data,
+                  memloss_eps=args.memloss_eps)
     print(f"trained {model.num_params()} params for {args.steps} steps in {time.time() - t0:.0f} s")
     print(f"validation loss: {evaluate(model, val_data, args.context, 8, args.batch):.4f} nats/byte")
     if args.save:
