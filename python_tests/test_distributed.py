@@ -30,6 +30,15 @@ pytestmark = [
 full_only = pytest.mark.skipif(not ALL, reason="set SELATTN_DISTRIBUTED_TESTS=all")
 
 
+def _child_env(**extra: str) -> dict:
+    """The environment of a child process: it must import the selattn_ext this test imported
+    (an installed wheel, or the source tree pytest put on sys.path), whatever its cwd."""
+    import selattn_ext
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(selattn_ext.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=pkg_parent + (os.pathsep + path if path else ""), **extra)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,8 +50,8 @@ def launch(scenario: str, world: int, timeout: float = 900) -> None:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = _child_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, WORKER, scenario], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs, failed = [], False
@@ -87,7 +96,7 @@ def test_example_under_torchrun(mode, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), example, "--parallel", mode, "--steps", "3",
            "--batch", "4", "--context", "32", "--dim", "32", "--layers", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _child_env(OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"{mode} on 2 processes" in res.stdout, res.stdout[-3000:]
@@ -99,7 +108,7 @@ def test_import_selattn_ext_does_not_import_distributed():
     code = ("import sys, selattn_ext; "
             "assert 'selattn_ext.distributed' not in sys.modules; "
             "assert 'torch.distributed.tensor.parallel' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=_child_env())
 
 
 def test_qkv_row_order_regroups_each_ranks_heads():
