@@ -272,11 +272,10 @@ def _check_lm(tag, model, losses, steps, full=lambda p: p):
         close(f"{tag} {name}", full(p), r, tol=1e-9)
 
 
-def case_ddp(steps=3):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _train_data_parallel(model, steps):
+    """AdamW steps where each rank takes its own slice of the batch; returns the mean loss over
+    ranks per step (what the single-process reference computes on the whole batch)."""
     rank, world = rank_world()
-    model = DDP(_tiny_lm())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for s in range(steps):
@@ -288,31 +287,27 @@ def case_ddp(steps=3):
         loss.backward()
         opt.step()
         losses.append(_mean_over_ranks(loss.item()))
-    _check_lm("ddp", model.module, losses, steps)
+    return losses
+
+
+def case_ddp(steps=3):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_tiny_lm())
+    _check_lm("ddp", model.module, _train_data_parallel(model, steps), steps)
 
 
 def case_fsdp(steps=3):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = rank_world()
+    _, world = rank_world()
     mesh = init_device_mesh("cpu", (world,))
     model = _tiny_lm()
     for blk in model.blocks:
         fully_shard(blk, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for s in range(steps):
-        inp, tgt = _batch(s)
-        per = inp.shape[0] // world
-        rows = slice(rank * per, (rank + 1) * per)
-        loss = _lm_loss(model, inp[rows], tgt[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(_mean_over_ranks(loss.item()))
-    _check_lm("fsdp", model, losses, steps, full=_full)
+    _check_lm("fsdp", model, _train_data_parallel(model, steps), steps, full=_full)
 
 
 def case_tp_lm(steps=2):

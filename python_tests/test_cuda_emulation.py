@@ -260,7 +260,7 @@ def test_misaligned_rows_fall_back_to_simt(emu):
     ("fragment_index", cases.PrefillCase(torch.bfloat16, 32, seqlen=40, path="tc")),
     ("tail_guard", cases.PrefillCase(torch.float32, 40, seqlen=45, path="simt")),
     ("varlen_offset", cases.ci_varlen_cases()[0]),
-    ("varlen_offset_tc_bwd", cases.ci_varlen_cases()[1]),
+    ("varlen_dout_offset", cases.ci_varlen_cases()[1]),
 ])
 def test_planted_defects_are_caught(defect, case):
     # Each defect is planted in a scratch copy of csrc/ (emulated.DEFECTS) and built apart.

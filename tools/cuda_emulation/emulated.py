@@ -73,20 +73,18 @@ DEFECTS = {
 DEFECTS.update({
     # v's rows taken from the start of the packed tensor instead of the sequence's own start.
     "varlen_offset": (
-        "cuda/prefill/simt_fwd.cuh",
-        "  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +\n"
-        "               s0 * p.v_row_stride;\n",
-        "  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;\n",
+        "cuda/prefill/common.cuh",
+        "  in.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +\n"
+        "         s0 * p.v_row_stride;\n",
+        "  in.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;\n",
     ),
-    # The tensor-core backward reads dout from the first sequence's rows for every sequence.
+    # The backward kernels read dout from the first sequence's rows for every sequence.
     # (A tail guard on max_seqlen instead of n is the other classic; it writes past the packed
     # outputs, i.e. corrupts the host heap of the emulation, so it is not planted in-process.)
-    "varlen_offset_tc_bwd": (
-        "cuda/prefill/tc_bwd.cuh",
-        "  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +\n"
-        "                  h * p.dout_head_stride + s0 * p.dout_row_stride;\n",
-        "  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +\n"
-        "                  h * p.dout_head_stride;\n",
+    "varlen_dout_offset": (
+        "cuda/prefill/common.cuh",
+        "         rows.start * p.dout_row_stride;\n",
+        "         0 * p.dout_row_stride;\n",
     ),
 })
 

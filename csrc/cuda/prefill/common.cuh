@@ -63,6 +63,38 @@ __device__ __forceinline__ int64_t stats_offset(const PrefillParams& p, int64_t 
   return p.cu_seqlens == nullptr ? (b * heads + h) * p.seqlen : h * p.total_rows + rows.start;
 }
 
+// The input rows of one CTA's (batch element b, q head h, kv head hk), each at position 0 of
+// b's sequence: every prefill kernel reads through these, so the dense/varlen offset rule above
+// lives in one place.
+template <typename T>
+struct SeqInputs {
+  const T *q, *k, *v, *q_sel, *k_sel;
+};
+
+template <typename T>
+__device__ __forceinline__ SeqInputs<T> seq_inputs(const PrefillParams& p, int64_t b, int64_t h,
+                                                   int64_t hk, SeqRows rows) {
+  const int64_t s0 = rows.start;
+  SeqInputs<T> in;
+  in.q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+         s0 * p.q_row_stride;
+  in.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+         s0 * p.k_row_stride;
+  in.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+         s0 * p.v_row_stride;
+  in.q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride + s0 * p.q_sel_row_stride;
+  in.k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride + s0 * p.k_sel_row_stride;
+  return in;
+}
+
+// The backward's dout rows of (b, q head h), like seq_inputs (the forward has no dout).
+template <typename T>
+__device__ __forceinline__ const T* seq_dout(const PrefillParams& p, int64_t b, int64_t h,
+                                             SeqRows rows) {
+  return static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride +
+         rows.start * p.dout_row_stride;
+}
+
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }

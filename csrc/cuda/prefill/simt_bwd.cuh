@@ -72,6 +72,28 @@ struct BwdAccum {
   A* dsuf;        // (B, Hq, N): dF suffix sum per key, handed between superchunk launches
 };
 
+// One CTA's rows of the saved statistics and of the workspace: lse, dL, dq of (b, q head h);
+// dk, dv of (b, kv head hk); dq_sel, dk_sel of b. Both backward kernels
+// (SIMT and tensor-core) index through this, dense or varlen (stats_offset). d = head_dim
+// (the tensor-core kernel passes its compile-time kD, which saves registers).
+template <typename A>
+struct BwdRows {
+  const A *lse, *dl;
+  A *dq, *dk, *dv, *dq_sel, *dk_sel;
+};
+
+template <typename A>
+__device__ __forceinline__ BwdRows<A> bwd_rows(const PrefillParams& p, const BwdAccum<A>& ws,
+                                               int64_t b, int64_t h, int64_t hk, SeqRows rows,
+                                               int64_t d) {
+  const int64_t qrow = stats_offset(p, b, h, p.heads_q, rows);
+  const int64_t kvrow = stats_offset(p, b, hk, p.heads_kv, rows);
+  const int64_t selrow = stats_offset(p, b, 0, 1, rows);
+  return {static_cast<const A*>(p.lse) + qrow, ws.dl + qrow, ws.dq + qrow * d,
+          ws.dk + kvrow * d, ws.dv + kvrow * d, ws.dq_sel + selrow * d,
+          ws.dk_sel + selrow * d};
+}
+
 // kDirect: add the key-side partial sums to the workspace after every tile instead of keeping
 // them in registers (3 x 4 x kNumChunks fp64 accumulators per thread spill from head_dim 65 on).
 template <typename T, int kNumChunks, bool kDirect>
@@ -90,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t col0 = kb * kTile;
   const SeqRows rows = seq_rows(p, b);
-  const int64_t n = rows.n, s0 = rows.start;
+  const int64_t n = rows.n;
   if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t nqb = num_sel_blocks(n);  // this sequence's query blocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -100,25 +122,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const A* dmem =
       add_mem ? static_cast<const A*>(p.dmem) + stats_offset(p, b, 0, 1, rows) : nullptr;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               s0 * p.q_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-               s0 * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-               s0 * p.v_row_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
-                   s0 * p.q_sel_row_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
-                   s0 * p.k_sel_row_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
-                  h * p.dout_head_stride + s0 * p.dout_row_stride;
-  const A* lse = static_cast<const A*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
-  const A* dl_row = ws.dl + stats_offset(p, b, h, p.heads_q, rows);
-  A* dq = ws.dq + stats_offset(p, b, h, p.heads_q, rows) * head_dim;
-  A* dk = ws.dk + stats_offset(p, b, hk, p.heads_kv, rows) * head_dim;
-  A* dv = ws.dv + stats_offset(p, b, hk, p.heads_kv, rows) * head_dim;
-  A* dq_sel = ws.dq_sel + stats_offset(p, b, 0, 1, rows) * head_dim;
-  A* dk_sel = ws.dk_sel + stats_offset(p, b, 0, 1, rows) * head_dim;
+  const auto [q, k, v, q_sel, k_sel] = seq_inputs<T>(p, b, h, hk, rows);
+  const T* dout = seq_dout<T>(p, b, h, rows);
+  const auto [lse, dl_row, dq, dk, dv, dq_sel, dk_sel] = bwd_rows(p, ws, b, h, hk, rows, head_dim);
 
   // Key-side accumulators: thread owns keys col0 + warp + 8u, head-dim columns kc * 32 + lane.
   constexpr int kHeld = kDirect ? 1 : kNumChunks;

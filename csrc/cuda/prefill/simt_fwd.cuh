@@ -41,16 +41,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const A mem_tau = A(p.mem_tau);
 
   const int64_t s0 = rows.start;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               s0 * p.q_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-               s0 * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-               s0 * p.v_row_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
-                   s0 * p.q_sel_row_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
-                   s0 * p.k_sel_row_stride;
+  const auto [q, k, v, q_sel, k_sel] = seq_inputs<T>(p, b, h, hk, rows);
   const A* poff_block = poff + (b * sc.stride + qb - sc.begin) * p.seqlen;
 
   // Thread owns output rows r_u = warp + 8u and head-dim columns kc * 32 + lane.

@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t col0 = kb * kBN;
   const SeqRows rows = seq_rows(p, b);
-  const int64_t n = rows.n, s0 = rows.start;
+  const int64_t n = rows.n;
   if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t nqb = ceil_div(n, kBM);  // this sequence's query blocks
   const int64_t qb_end = sc_qb_end < nqb ? sc_qb_end : nqb;
@@ -196,25 +196,9 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   const float* dmem =
       add_mem ? static_cast<const float*>(p.dmem) + stats_offset(p, b, 0, 1, rows) : nullptr;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               s0 * p.q_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-               s0 * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-               s0 * p.v_row_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
-                   s0 * p.q_sel_row_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
-                   s0 * p.k_sel_row_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
-                  h * p.dout_head_stride + s0 * p.dout_row_stride;
-  const float* lse = static_cast<const float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows);
-  const float* dl_row = ws.dl + stats_offset(p, b, h, p.heads_q, rows);
-  float* dq = ws.dq + stats_offset(p, b, h, p.heads_q, rows) * kD;
-  float* dk = ws.dk + stats_offset(p, b, hk, p.heads_kv, rows) * kD;
-  float* dv = ws.dv + stats_offset(p, b, hk, p.heads_kv, rows) * kD;
-  float* dq_sel = ws.dq_sel + stats_offset(p, b, 0, 1, rows) * kD;
-  float* dk_sel = ws.dk_sel + stats_offset(p, b, 0, 1, rows) * kD;
+  const auto [q, k, v, q_sel, k_sel] = seq_inputs<T>(p, b, h, hk, rows);
+  const T* dout = seq_dout<T>(p, b, h, rows);
+  const auto [lse, dl_row, dq, dk, dv, dq_sel, dk_sel] = bwd_rows(p, ws, b, h, hk, rows, kD);
 
   tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
   tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * kBM;
   const SeqRows rows = seq_rows(p, b);
-  const int64_t n = rows.n, s0 = rows.start;
+  const int64_t n = rows.n;
   if (row0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t last_row = row0 + kBM - 1 < n - 1 ? row0 + kBM - 1 : n - 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -111,16 +111,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   const bool sum_mem = h == 0 && p.mem != nullptr && p.mem_tau > 0;  // uniform per CTA
   const float mem_tau = float(p.mem_tau);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-               s0 * p.q_row_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-               s0 * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-               s0 * p.v_row_stride;
-  const T* q_sel = static_cast<const T*>(p.q_sel) + b * p.q_sel_batch_stride +
-                   s0 * p.q_sel_row_stride;
-  const T* k_sel = static_cast<const T*>(p.k_sel) + b * p.k_sel_batch_stride +
-                   s0 * p.k_sel_row_stride;
+  const auto [q, k, v, q_sel, k_sel] = seq_inputs<T>(p, b, h, hk, rows);
   // Poff is kept per 32-row block; the 64-row block starting at row0 is block row0 / 32.
   const float* poff_block =
       poff + (b * sc.stride + row0 / kSelBlockRows - sc.begin) * p.seqlen;
