@@ -395,8 +395,8 @@ def notes_text(result: Dict, args) -> str:
     for name in ("selective", "memloss"):
         for t, per in result["calibrated_budgets"][name].items():
             lines.append(f"Calibrated budgets, {name}, tolerance {t}: " + "; ".join(str(b) for b in per))
-    for r in result["at_memloss_calibrated"]:
-        lines.append(f"Eviction at the memloss model's 1%-calibrated memory (budget {r['budget']}, "
+    for seed, r in zip(result["seeds"], result["at_memloss_calibrated"]):
+        lines.append(f"Seed {seed}: eviction at the memloss model's 1%-calibrated memory (budget {r['budget']}, "
                      f"{r['reduction']:.1f}x): " + ", ".join(f"{m} {r[m]:.4f}" for m in EVICTION + ("window",)))
     lines.append(f"Wall time {result['wall_s']:.0f} s ({result['jobs']} processes x {result['threads_per_job']} "
                  f"threads); CPU time per seed {', '.join(f'{c:.0f}' for c in result['cpu_s_per_seed'])} s "
