@@ -10,8 +10,8 @@
 // sum never leaves its warp: the 4 rows a lane holds per column are added in registers, then a
 // reduce-scatter over the 8 row lanes (14 shuffles for the warp's 64 columns instead of 3 per
 // column) leaves columns 2 lane and 2 lane + 1 in lane `lane`, one fp32 store each. No
-// cross-warp reduction, no second barrier. 64 accumulators per thread leave room for 3-4
-// CTAs per SM; Q_sel + K_sel staging is (192 x (D + 8)) x 2 bytes (52 KB at D = 128).
+// cross-warp reduction, no second barrier. ptxas sm_90: 95-96 registers, no spills (5 CTAs
+// per SM); Q_sel + K_sel staging is 192 x (D + 8) x 2 bytes (52 KB at D = 128: 4 CTAs per SM).
 //
 // Grid (CTAs, batch): only the causal half. Row group g (query blocks sc.begin + 4g ..
 // +3, rows from R_g = 32 (sc.begin + 4g)) has nonzero S only in keys j < R_g + 127, i.e. in
