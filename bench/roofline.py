@@ -123,13 +123,16 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("prepass_colsum", 8): 40, ("prepass_scan", 0): 32,
     ("simt_fwd", 1): 96, ("simt_fwd", 2): 108, ("simt_fwd", 4): 190, ("simt_fwd", 8): 150,
     ("simt_bwd", 1): 124, ("simt_bwd", 2): 148, ("simt_bwd", 4): 203, ("simt_bwd", 8): 248,
+    ("prepass_tc_colsum", 32): 95, ("prepass_tc_colsum", 64): 96, ("prepass_tc_colsum", 96): 96,
+    ("prepass_tc_colsum", 128): 96,
     ("tc_fwd", 32): 124, ("tc_fwd", 64): 167, ("tc_fwd", 128): 254,
     ("tc_bwd", 64): 254, ("tc_bwd", 96): 252, ("tc_bwd", 128): 252,
 }
 
 
-# Whether the tensor-core launchers run a tensor-core pre-pass (prepass_tc_costs): not yet.
-TC_PREPASS = False
+# Whether the tensor-core launchers run the tensor-core pre-pass (prepass_tc_costs): they do
+# (launch_selection_prepass<T, chunks, kD> in tc_fwd.cuh / tc_bwd.cuh).
+TC_PREPASS = True
 
 
 def _regs(kernel: str, key: int) -> int:
@@ -269,28 +272,46 @@ def prepass_costs(s: Shape) -> List[KernelCost]:
     return [cost, scan]
 
 
+def tc_colsum_tiles(n: int, begin: int = 0, end: Optional[int] = None) -> List[int]:
+    """Column tiles (64 keys) per 128-row group of tc_selection_colsum_kernel for the query
+    blocks [begin, end) of one superchunk (TcColsumGrid in tc_prepass.cuh): group g has
+    c0 + 2g tiles, the last group clipped to ceil(ncols / 64). One CTA per (group, tile)."""
+    nqb = math.ceil(n / 32)
+    end = nqb if end is None else end
+    ncols = min(n, end * 32)
+    c0 = (begin * 32 + 126) // 64 + 1
+    tmax = math.ceil(ncols / 64)
+    return [min(c0 + 2 * g, tmax) for g in range(math.ceil((end - begin) / 4))]
+
+
 def prepass_tc_costs(s: Shape) -> List[KernelCost]:
-    """The proposed tensor-core pre-pass (issue 12 item 3; not in csrc yet, so TC_PREPASS is
-    False) + the shared scan: grid (N/64 key tiles, N/64 row tiles, B), 128 threads; per active
-    CTA Q_sel and K_sel tiles (64 x D) loaded once, the selection GEMM with the tensor-core
-    forward's tc_gemm_xyt, 3 shuffles per fragment column, two 32-row block sums."""
+    """tc_selection_colsum_kernel (tc_prepass.cuh) + the shared scan, as the tensor-core
+    launchers run them (one superchunk assumed): a 1-D grid over the causal (128-row group,
+    64-key tile) pairs only, 128 threads; per CTA the Q_sel (128 x D) and K_sel (64 x D) tiles
+    staged once, 4 warps x 2 m-tiles x 8 n-tiles of mma (each k-step 2 A + 4 B ldmatrix.x4 for
+    16 mma per warp), relu/mask/sum in registers, a 14-shuffle reduce-scatter per warp, 2 fp32
+    stores per lane; plus the zero band (2 blocks x 128 keys) for the earlier groups' blocks."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
     w = 4
-    nb = math.ceil(n / 64)
-    active = nb * (nb + 1) // 2
-    tile = dict(ldg=d // 8 * w, sts128=d // 8 * w, barriers=2, ldsm=5 * d // 16 * w,
-                mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d, shfl=48 * w, sts=16 * w,
-                ffma=32 * w, lds=4 * 2, global_load_bytes=2 * 64 * d * es,
-                global_store_bytes=2 * 64 * 4)
+    tiles = tc_colsum_tiles(n)
+    ctas = sum(tiles)
+    # Per thread: 64 scale multiplies + 64 relu (select) + 48 adds of the 4 rows per column,
+    # 14 adds after the shuffles (FMA-pipe instructions, per warp).
+    tile = dict(ldg=192 * (d // 8) // 32, sts128=192 * (d // 8) // 32,
+                barriers=1, ldsm=6 * (d // 16) * w, mma=16 * (d // 16) * w,
+                tc_flops=2 * 128 * 64 * d, shfl=14 * w, ffma=(64 + 64 + 48 + 14) * w,
+                simt_flops=2 * 128 * 64, global_load_bytes=192 * d * es,
+                global_store_bytes=4 * 64 * 4)
     nqb = math.ceil(n / 32)
     poff = s.batch * nqb * n * 4
-    cost = _grid_cost("prepass_tc_colsum", 128, 128 * (d + 8) * es + w * 64 * 4, _zero(), tile,
-                      [1] * active, s.batch, dram_bytes=2 * s.batch * n * d * es + poff,
+    # Zeros: every Poff entry of the superchunk not in a computed tile (the scan reads them).
+    zero_bytes = sum(n - min(tiles[blk // 4] * 64, n) for blk in range(nqb)) * 4 * s.batch
+    cost = _grid_cost("prepass_tc_colsum", 128, 192 * (d + 8) * es, _zero(), tile,
+                      [1] * ctas, s.batch, dram_bytes=2 * s.batch * n * d * es + poff,
                       round_trips_fixed=0, round_trips_per_tile=1,
-                      notes="selection GEMM on the tensor cores, once per batch element",
-                      extra_total=dict(global_store_bytes=(nb * nb - active) * 2 * 64 * 4 *
-                                       s.batch))
-    cost.ctas = nb * nb * s.batch
+                      notes="selection GEMM on the tensor cores, once per batch element; only "
+                            "the causal half of the (128-row, 64-key) tiles launched",
+                      extra_total=dict(global_store_bytes=zero_bytes))
     cost.registers = _regs("prepass_tc_colsum", d)
     return [cost, prepass_costs(s)[1]]
 
@@ -517,7 +538,7 @@ def selective_min_flops(s: Shape, backward: bool) -> float:
 
 def prefill_kernels(s: Shape, path: str, backward: bool) -> List[KernelCost]:
     """Launches of one prefill call as launch.cu makes them ('tc' or 'simt' main kernel; with
-    TC_PREPASS the tensor-core launchers' pre-pass is the proposed tensor-core one)."""
+    TC_PREPASS the tensor-core launchers' pre-pass is the tensor-core one)."""
     ks = list(prepass_tc_costs(s) if path == "tc" and TC_PREPASS else prepass_costs(s))
     if backward:
         ks = bwd_side_costs(s)[:1] + ks + bwd_side_costs(s)[1:2]

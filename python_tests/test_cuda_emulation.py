@@ -261,6 +261,7 @@ def test_misaligned_rows_fall_back_to_simt(emu):
     ("tail_guard", cases.PrefillCase(torch.float32, 40, seqlen=45, path="simt")),
     ("varlen_offset", cases.ci_varlen_cases()[0]),
     ("varlen_dout_offset", cases.ci_varlen_cases()[1]),
+    ("tc_prepass_fragment_row", cases.PrefillCase(torch.bfloat16, 32, seqlen=70, path="tc")),
 ])
 def test_planted_defects_are_caught(defect, case):
     # Each defect is planted in a scratch copy of csrc/ (emulated.DEFECTS) and built apart.

@@ -119,3 +119,45 @@ def test_report_written(tmp_path):
     assert {r["B"] for r in data["decode"]} >= {1, 64}
     md = open(tmp_path / files[1]).read()
     assert "FlashAttention-2" in md and "Full cache vs pruned" in md
+
+
+@pytest.mark.parametrize("n, begin, end", [(70, 0, None), (400, 0, 6), (400, 6, 12), (400, 12, 13),
+                                          (1000, 0, None), (8192, 0, None)])
+def test_tc_prepass_grid_is_the_causal_half(n, begin, end):
+    # tc_colsum_tiles mirrors TcColsumGrid (tc_prepass.cuh). Brute force over 128-row groups
+    # and 64-key tiles: a tile has work iff it holds a key j < i for a row i of the group
+    # (i < ncols = min(n, 32 end)), the only keys with S != 0.
+    nqb = math.ceil(n / 32)
+    end = nqb if end is None else end
+    ncols = min(n, 32 * end)
+    want = []
+    for row0 in range(32 * begin, 32 * end, 128):
+        last = min(row0 + 127, ncols - 1)
+        want.append(sum(1 for t in range(math.ceil(ncols / 64)) if 64 * t < last))
+    got = rl.tc_colsum_tiles(n, begin, end)
+    # The kernel's count for the last group may keep one all-zero tile (its blocks' rows past
+    # the superchunk are not stored), never fewer than the tiles with work.
+    assert got[:-1] == want[:-1] and want[-1] <= got[-1] <= want[-1] + 1
+    # The causal half: about half of the rectangular (groups x key tiles) grid for one
+    # superchunk starting at row 0.
+    if begin == 0 and n >= 1000:
+        rect = math.ceil(nqb / 4) * math.ceil(n / 64)
+        assert 0.45 < sum(got) / rect < 0.6
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_tc_prepass_flops_closed_form(d):
+    s = rl.Shape(2, 4, 4, 1000, d)
+    k = rl.prepass_tc_costs(s)[0]
+    ctas = sum(rl.tc_colsum_tiles(1000))
+    assert k.ctas == ctas * 2
+    assert k.total["tc_flops"] == 2 * 128 * 64 * d * ctas * 2  # once per batch element
+    assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
+    assert k.smem_bytes == 192 * (d + 8) * 2  # TcColsumConfig::kSmemBytes
+    # Poff: every (block, key) entry written once, computed or zero.
+    nqb = math.ceil(1000 / 32)
+    assert k.total["global_store_bytes"] <= (ctas * 4 * 64 * 4 * 2 +
+                                             nqb * 1000 * 4 * 2)
+    # The tensor-core launchers use it; the SIMT ones keep the SIMT pre-pass.
+    assert rl.prefill_kernels(s, "tc", False)[0].kernel == "prepass_tc_colsum"
+    assert rl.prefill_kernels(s, "simt", False)[0].kernel == "prepass_colsum"

@@ -252,7 +252,16 @@ def ci_prefill_cases():
                                  path="tc", dlse=d == 64, mem_tau=1.0 if d == 32 else None))
     # Bounded workspace: 64-row superchunks (3 of them, the last one partial), both paths.
     cases += superchunk_cases()[:2]
+    cases += tc_prepass_cases()
     return cases
+
+
+def tc_prepass_cases():
+    """The tensor-core pre-pass (tc_prepass.cuh) past what 70-row cases reach: unmasked interior
+    tiles (rows >= 128, keys >= 64), several 128-row groups per superchunk (the zero bands),
+    superchunks starting past row 0 (c0 > 2) and a partial last one."""
+    return [PrefillCase(torch.bfloat16, 32, seqlen=400, heads_q=1, heads_kv=1, sel_head=0,
+                        dlse=True, path="tc", seed=36, superchunk_blocks=6)]
 
 
 def superchunk_cases():

@@ -88,6 +88,17 @@ DEFECTS.update({
     ),
 })
 
+# The tensor-core pre-pass (tc_prepass.cuh): the C fragment's upper row half (c = 2, 3, rows
+# g + 8) masked as row g + 7, so S[i][i - 1] of those rows is dropped from the column sums
+# (only in the masked diagonal tiles; Poff of every later block is off at those keys).
+DEFECTS.update({
+    "tc_prepass_fragment_row": (
+        "cuda/prefill/tc_prepass.cuh",
+        "              const int64_t i = wrow0 + 16 * mt + 8 * h + fg;\n",
+        "              const int64_t i = wrow0 + 16 * mt + 7 * h + fg;\n",
+    ),
+})
+
 # Defects of the decode kernels (csrc/cuda/decode), caught by cases.decode_defect_probes().
 DEFECTS.update({
     # The split combine forgets to rescale each split's partial sums to the common max.

@@ -183,11 +183,12 @@ __device__ __forceinline__ A selection_score(A a, int64_t i, int64_t j, int64_t 
 }
 
 // s_tile[r][c] = S[row0 + r][col0 + c] of one batch element: the scaled selection logits,
-// relu'd and structurally masked. Shared by the pre-pass and the SIMT forward and backward, so
-// those three see bit-identical S. The tensor-core kernels compute S with mma (another
-// summation order): S, and so F and P, then differ from the SIMT ones in the last bits, and a
-// tensor-core forward's lse is used by a SIMT backward only to that accuracy. All threads must
-// call; s_tile is complete on return.
+// relu'd and structurally masked. Shared by the SIMT pre-pass and the SIMT forward and
+// backward, so those three see bit-identical S. The tensor-core kernels (their pre-pass,
+// tc_prepass.cuh, included) compute S with mma (another summation order) and the same
+// selection_score mask: S, and so F and P, then differ from the SIMT ones in the last bits, and
+// a tensor-core forward's lse is used by a SIMT backward only to that accuracy. All threads
+// must call; s_tile is complete on return.
 template <int kNumChunks, typename T, typename A>
 __device__ void selection_tile(SmemTile<A>& s_tile, SmemTile<A>& xs, SmemTile<A>& ys,
                                const T* q_sel, int64_t q_sel_row_stride, const T* k_sel,

@@ -5,9 +5,10 @@
 // The tensor-core backward (prefill_tc_bwd_*, same dtypes and head dims) is the default there
 // too; SELATTN_CUDA_TC_BWD=0 opts out (the SIMT backward), e.g. to compare the two or should a
 // GPU run disagree with the emulated matrix (bench/results/cuda_emulation_*), which it passes.
-// Every one of these kernels also
-// implements the memory-loss output (PrefillParams::mem) and its gradient (dmem) itself, in
-// its head-0 CTAs, so a mem_tau request takes the same path as a plain call.
+// The tensor-core forward and backward run the tensor-core selection pre-pass
+// (tc_prepass.cuh), the SIMT ones the SIMT pre-pass (prepass.cuh). Every one of these kernels
+// also implements the memory-loss output (PrefillParams::mem) and its gradient (dmem) itself,
+// in its head-0 CTAs, so a mem_tau request takes the same path as a plain call.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

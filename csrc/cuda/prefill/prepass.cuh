@@ -11,6 +11,7 @@
 
 #include "cuda/prefill/common.cuh"
 #include "cuda/prefill/dispatch.h"
+#include "cuda/prefill/tc_prepass.cuh"
 
 namespace selattn::cuda {
 
@@ -100,18 +101,27 @@ __global__ void exclusive_scan_blocks_kernel(A* __restrict__ poff, double* __res
 }
 
 // Poff rows of superchunk sc (and the carry per `mode`). The carry must have been zeroed before
-// the first call of a pass.
-template <typename T, int kNumChunks>
+// the first call of a pass. kTcDim > 0: the column sums on the tensor cores (tc_prepass.cuh;
+// bf16/fp16, head dim kTcDim, 16-byte aligned q_sel/k_sel rows), used by the tensor-core
+// forward and backward; 0: the SIMT kernel above, used by the SIMT paths of every dtype, so
+// that their pre-pass sums exactly the S of their own selection_tile and they stay an
+// independent check of the tensor-core paths (SELATTN_CUDA_FORCE_SIMT, SELATTN_CUDA_TC_BWD=0).
+template <typename T, int kNumChunks, int kTcDim = 0>
 cudaError_t launch_selection_prepass(const PrefillParams& p, acc_t<T>* poff, double* carry,
                                      const SuperChunk& sc, CarryMode mode, cudaStream_t stream) {
   const int64_t n = p.seqlen;
   if (sc.end - sc.begin > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   // Keys past the superchunk's last row are never selected by its rows.
   const int64_t ncols = n < sc.end * kTile ? n : sc.end * kTile;
-  const dim3 grid(unsigned(ceil_div(ncols, kTile)), unsigned(sc.end - sc.begin),
-                  unsigned(p.batch));
-  cudaError_t err = launch_kernel(selection_colsum_kernel<T, kNumChunks>, grid, dim3(kThreads), 0,
-                                  stream, p, poff, sc);
+  cudaError_t err;
+  if constexpr (kTcDim > 0) {
+    err = launch_tc_selection_colsum<T, kTcDim>(p, poff, sc, stream);
+  } else {
+    const dim3 grid(unsigned(ceil_div(ncols, kTile)), unsigned(sc.end - sc.begin),
+                    unsigned(p.batch));
+    err = launch_kernel(selection_colsum_kernel<T, kNumChunks>, grid, dim3(kThreads), 0, stream,
+                        p, poff, sc);
+  }
   if (err != cudaSuccess) return err;
   const int64_t cols = p.batch * ncols;
   return launch_kernel(exclusive_scan_blocks_kernel<acc_t<T>>, dim3(unsigned(ceil_div(cols, 256))),

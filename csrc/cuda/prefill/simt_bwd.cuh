@@ -344,8 +344,8 @@ inline PrefillParams packed_as_one(const PrefillParams& p) {
 
 // Before the main backward kernels (SIMT or tensor-core): zero the accumulators and the carry,
 // Dl, then the pre-pass forward over every superchunk below the top one (only to bring the
-// carry to the top superchunk's first block).
-template <typename T, int kNumChunks>
+// carry to the top superchunk's first block). kTcDim: launch_selection_prepass.
+template <typename T, int kNumChunks, int kTcDim = 0>
 cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
   const BwdLayout layout = bwd_layout(p);
@@ -361,19 +361,20 @@ cudaError_t bwd_prologue(const PrefillParams& p, cudaStream_t stream) {
   err = launch_kernel(softmax_grad_rowsum_kernel<T>, dim3(unsigned(ceil_div(rows, kWarps))),
                       dim3(kThreads), 0, stream, flat, reinterpret_cast<A*>(base + layout.dl));
   for (int64_t s = 0; s + 1 < num_superchunks(p) && err == cudaSuccess; ++s)
-    err = launch_selection_prepass<T, kNumChunks>(p, reinterpret_cast<A*>(base + layout.poff),
-                                                  reinterpret_cast<double*>(base + layout.carry),
-                                                  superchunk(p, s), CarryMode::kAdvance, stream);
+    err = launch_selection_prepass<T, kNumChunks, kTcDim>(
+        p, reinterpret_cast<A*>(base + layout.poff),
+        reinterpret_cast<double*>(base + layout.carry), superchunk(p, s), CarryMode::kAdvance,
+        stream);
   return err;
 }
 
 // Poff of superchunk s for the backward's walk from the last superchunk to the first.
-template <typename T, int kNumChunks>
+template <typename T, int kNumChunks, int kTcDim = 0>
 cudaError_t bwd_superchunk_prepass(const PrefillParams& p, int64_t s, cudaStream_t stream) {
   using A = acc_t<T>;
   const BwdLayout layout = bwd_layout(p);
   char* base = static_cast<char*>(p.workspace);
-  return launch_selection_prepass<T, kNumChunks>(
+  return launch_selection_prepass<T, kNumChunks, kTcDim>(
       p, reinterpret_cast<A*>(base + layout.poff), reinterpret_cast<double*>(base + layout.carry),
       superchunk(p, s), s + 1 == num_superchunks(p) ? CarryMode::kKeep : CarryMode::kRetreat,
       stream);

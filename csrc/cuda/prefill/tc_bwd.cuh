@@ -401,7 +401,7 @@ cudaError_t launch_tc_bwd_hdim(const PrefillParams& p, cudaStream_t stream) {
   err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
   if (size_t(smem_optin) < Cfg::kSmemBytes) return cudaErrorNotSupported;
-  err = bwd_prologue<T, kChunks>(p, stream);
+  err = bwd_prologue<T, kChunks, kD>(p, stream);
   if (err != cudaSuccess) return err;
   auto kernel = tc_bwd_kernel<T, kD>;
   if (Cfg::kSmemBytes > 48 * 1024) {
@@ -412,7 +412,7 @@ cudaError_t launch_tc_bwd_hdim(const PrefillParams& p, cudaStream_t stream) {
   // Superchunks last to first (simt_bwd.cuh): key blocks up to the superchunk's last row.
   for (int64_t s = num_superchunks(p) - 1; s >= 0; --s) {
     const SuperChunk sc = superchunk(p, s);
-    err = bwd_superchunk_prepass<T, kChunks>(p, s, stream);
+    err = bwd_superchunk_prepass<T, kChunks, kD>(p, s, stream);
     if (err != cudaSuccess) return err;
     const int64_t rows_end =
         p.seqlen < sc.end * kSelBlockRows ? p.seqlen : sc.end * kSelBlockRows;

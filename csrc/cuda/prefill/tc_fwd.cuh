@@ -18,6 +18,7 @@
 
 #include "cuda/arch.cuh"
 #include "cuda/prefill/prepass.cuh"
+#include "cuda/prefill/tc_common.cuh"
 
 namespace selattn::cuda {
 
@@ -39,47 +40,6 @@ struct TcFwdConfig {
   static constexpr size_t kSmemBytes =
       size_t(2 * kBlockM + 3 * kBlockN) * kStride * sizeof(T) + kWarps * kBlockN * sizeof(float);
 };
-
-// Rows [row0, row0 + kRows) of a (n x kD) matrix into padded shared memory, 16 bytes at a
-// time; zeros past row n.
-template <typename T, int kD, int kRows, int kThreadCount>
-__device__ __forceinline__ void tc_load_rows(T* smem, const T* src, int64_t row_stride,
-                                             int64_t row0, int64_t n) {
-  constexpr int kVecs = kD / 8;  // 8 x 16-bit per 16-byte vector
-  constexpr int kStride = kD + 8;
-  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreadCount) {
-    const int r = e / kVecs, c = (e % kVecs) * 8;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (row0 + r < n) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * row_stride + c);
-    *reinterpret_cast<uint4*>(smem + r * kStride + c) = val;
-  }
-}
-
-// acc (16 rows of this warp x 64 keys, as 8 C fragments) = X[warp rows] Y^T over kD.
-// kRollK keeps the k loop rolled (fewer ldmatrix results in flight: for register-tight callers).
-template <typename T, int kD, bool kRollK = false>
-__device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, const T* sy,
-                                            int warp, int lane) {
-  constexpr int kStride = kD + 8;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
-#pragma unroll(kRollK ? 1 : kD / 16)
-  for (int ks = 0; ks < kD / 16; ++ks) {
-    uint32_t a[4];
-    ldmatrix_x4(a, sx + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride + ks * 16 +
-                       8 * (lane / 16));
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {  // pairs of 8-key n-tiles
-      uint32_t b[4];
-      ldmatrix_x4(b, sy + (np * 16 + (lane % 8) + 8 * (lane / 16)) * kStride + ks * 16 +
-                         8 * ((lane / 8) % 2));
-      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, kD>::kMinBlocks)
@@ -307,7 +267,7 @@ cudaError_t launch_tc_fwd_hdim(const PrefillParams& p, cudaStream_t stream) {
   const int64_t count = num_superchunks(p);
   for (int64_t s = 0; s < count && err == cudaSuccess; ++s) {
     const SuperChunk sc = superchunk(p, s);
-    err = launch_selection_prepass<T, kChunks>(
+    err = launch_selection_prepass<T, kChunks, kD>(
         p, poff, carry, sc, s + 1 < count ? CarryMode::kAdvance : CarryMode::kKeep, stream);
     if (err != cudaSuccess) return err;
     const int64_t rows_begin = sc.begin * kSelBlockRows;
