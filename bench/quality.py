@@ -20,7 +20,7 @@ reduction_at_1pct[method] = the largest memory reduction N / mean budget whose v
 stays within 1% of that model's unpruned loss (per seed, then averaged).
 Writes JSON, markdown and a PNG (loss vs memory reduction, one line per method) into --out.
 
-    python bench/quality.py            # defaults: context 512, 2 seeds in parallel, ~30 min on 2 idle cores
+    python bench/quality.py            # defaults: context 512, 2 seeds in parallel, ~38 min on 2 idle cores (37 min CPU per seed measured)
     python bench/quality.py --quick    # smoke run: 1 seed, small models, ~2 min CPU (6 min on a busy machine)
 
 Default sizes: 3 models x 2 seeds of 824K parameters (dim 128, 4 layers, 4 heads, byte vocab),
