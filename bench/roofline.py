@@ -128,7 +128,7 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("prepass_tc_colsum", 32): 95, ("prepass_tc_colsum", 64): 96, ("prepass_tc_colsum", 96): 96,
     ("prepass_tc_colsum", 128): 96,
     ("tc_fwd", 32): 128, ("tc_fwd", 64): 203, ("tc_fwd", 96): 219, ("tc_fwd", 128): 237,
-    ("tc_bwd", 64): 254, ("tc_bwd", 96): 252, ("tc_bwd", 128): 252,
+    ("tc_bwd", 64): 236, ("tc_bwd", 96): 252, ("tc_bwd", 128): 239,
 }
 
 
@@ -452,8 +452,9 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
                        red=64 * d, global_store_bytes=64 * d * 4)
     tile = _zero()
     vec = 3 * 64 * d // 8 // 128
-    _add(tile, dict(barriers=2, ldg=vec * w + 3 * w, sts128=vec * w, sts=2 * w,
-                    global_load_bytes=3 * 64 * d * es + 2 * 64 * 4))  # Q, Q_sel, dO, lse, Dl
+    # Q, Q_sel, dO by cp.async (issued during the previous block's dQ phase), lse, Dl.
+    _add(tile, dict(barriers=1, ldg=vec * w + 3 * w, sts128=vec * w, sts=2 * w,
+                    global_load_bytes=3 * 64 * d * es + 2 * 64 * 4))
     _add(tile, xyt)  # A^T = K_sel Q_sel^T
     _add(tile, dict(ldg=2 * w, shfl=80 * w, global_load_bytes=w * 32 * 4, ffma=48 * w))  # F^T
     _add(tile, xyt)  # S^T = K Q^T
@@ -475,7 +476,8 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
             k_dk * 64 * (d + 8) * 4)
     cost = _grid_cost("tc_bwd", 128, smem, fixed, tile, list(range(nqb, 0, -1)),
                       s.batch * s.heads_q, _bwd_dram(s), 1, 1,
-                      notes="8 GEMMs per tile (FA2: 5), synchronous loads, 1 CTA of 4 warps per "
+                      notes="8 GEMMs per tile (FA2: 5), query-side cp.async loads overlap "
+                            "only the dQ/dQsel phase, 1 CTA of 4 warps per "
                             "SM when shared memory exceeds 114 KB, dQ_sel atomics from every head")
     cost.registers = _regs("tc_bwd", d)
     return cost
