@@ -19,10 +19,12 @@ sum) over the whole grid, all SMs busy; the counted instructions are a subset of
 DRAM bytes are the unique bytes a kernel must move (re-reads assumed to hit L2); the bytes each
 CTA requests (global_load_bytes, mostly L2 hits) are listed separately.
 
-What this cannot say: latency. The kernels' loads are synchronous between barriers (no
-cp.async), so each key/query tile costs one exposed memory round trip unless other CTAs on the
-SM cover it; `occupancy` (CTAs/SM from shared memory and threads; registers are not modelled:
-see res_usage.txt of a GPU run) and `round_trips_per_cta` say how exposed that is.
+What this cannot say: latency. Most kernels' loads are synchronous between barriers, so each
+key/query tile costs one exposed memory round trip unless other CTAs on the SM cover it; the
+tensor-core forward issues its loads with cp.async a step ahead of their use (FlashAttention-2's
+order), so only its first tile's round trip is exposed. `occupancy` (CTAs/SM from shared
+memory, threads and the ptxas register counts below) and `round_trips_per_cta` say how exposed
+that is.
 
     python bench/roofline.py                       # writes bench/results/roofline_<date>_<commit>.{json,md}
     python bench/roofline.py --out DIR --print
@@ -125,8 +127,8 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("simt_bwd", 1): 124, ("simt_bwd", 2): 148, ("simt_bwd", 4): 203, ("simt_bwd", 8): 248,
     ("prepass_tc_colsum", 32): 95, ("prepass_tc_colsum", 64): 96, ("prepass_tc_colsum", 96): 96,
     ("prepass_tc_colsum", 128): 96,
-    ("tc_fwd", 32): 124, ("tc_fwd", 64): 167, ("tc_fwd", 128): 254,
-    ("tc_bwd", 64): 254, ("tc_bwd", 96): 252, ("tc_bwd", 128): 252,
+    ("tc_fwd", 32): 128, ("tc_fwd", 64): 203, ("tc_fwd", 96): 219, ("tc_fwd", 128): 237,
+    ("tc_bwd", 64): 236, ("tc_bwd", 96): 252, ("tc_bwd", 128): 239,
 }
 
 
@@ -348,15 +350,17 @@ def simt_fwd_cost(s: Shape) -> KernelCost:
 
 def tc_fwd_cost(s: Shape) -> KernelCost:
     """tc_fwd_kernel (tc_fwd.cuh): grid (N/64, Hq, B), 128 threads (4 warps x 16 rows), key
-    tiles of 64; K, K_sel, V loaded synchronously between two barriers; selection GEMM, F scan
-    (shuffles), QK^T, online softmax, PV on mma.sync."""
+    tiles of 64; cp.async loads one step ahead (V of tile j under its selection GEMM and QK^T,
+    K and K_sel of tile j + 1 under its softmax and PV), 4 barriers per tile; selection GEMM,
+    F scan (shuffles), QK^T, online softmax, PV on mma.sync; O out in 16-byte row vectors."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
     w = 4
     nqb = math.ceil(n / 64)
     gemm = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d)
     tile = _zero()
     vec_per_warp = 3 * 64 * d // 8 // 128  # uint4 loads per thread for K, K_sel, V
-    _add(tile, dict(barriers=2, ldg=vec_per_warp * w, sts128=vec_per_warp * w,
+    # cp.async: one instruction per 16 bytes; its shared-memory write counted as an sts128.
+    _add(tile, dict(barriers=3, ldg=vec_per_warp * w, sts128=vec_per_warp * w,
                     global_load_bytes=3 * 64 * d * es))
     _add(tile, gemm)  # A = Q_sel K_sel^T
     # F: 16 (nt, c) pairs x (3 x 2 scan + 2 totals + 2 exclusive) shuffles; warp totals to
@@ -369,19 +373,20 @@ def tc_fwd_cost(s: Shape) -> KernelCost:
     _add(tile, dict(mufu=34 * w, shfl=8 * w, ffma=(32 + 32 + d // 2) * w))
     # PV: 4 k-steps x D/16 (1 ldmatrix.trans + 2 mma), 16 bf16x2 packs.
     _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d))
-    # Q and Q_sel once (16 D uint4 over 128 threads); out by 2-byte scalar stores, lse.
+    # Q and Q_sel once (16 D uint4 over 128 threads); O through shared memory (D/4 4-byte
+    # stores per thread, then 16-byte row vectors: D/8 lds128 as 4 lds each), lse.
     fixed = dict(ldg=d // 8 * w, sts128=d // 8 * w, global_load_bytes=2 * 64 * d * es,
-                 global_store_bytes=64 * d * es + 64 * 4)
+                 sts=d // 4 * w, lds=d // 2 * w, global_store_bytes=64 * d * es + 64 * 4)
     h, hk = s.heads_q, s.heads_kv
     smem = (2 * 64 + 3 * 64) * (d + 8) * es + w * 64 * 4
     # q, k, v, q_sel, k_sel, out; lse; Poff: even 32-row blocks only, causal half of each.
     dram = (s.batch * n * d * es * (2 * h + 2 * hk + 2) + s.batch * h * n * 4 +
             s.batch * math.ceil(n / 32) * n * 4 / 4)
     cost = _grid_cost("tc_fwd", 128, smem, fixed, tile, list(range(1, nqb + 1)), s.batch * h,
-                      dram, 1, 1,
-                      notes="64-row tiles, synchronous loads, selection GEMM per head (1.5x "
-                            "FA2's tensor FLOPs), 160 shuffles/thread/tile for F, 2-byte "
-                            f"output stores ({d // 2} per thread)")
+                      dram, 1, 0,
+                      notes="64-row tiles, cp.async one step ahead (no second buffer), "
+                            "selection GEMM per head (1.5x FA2's tensor FLOPs), 160 "
+                            "shuffles/thread/tile for F, 16-byte output stores")
     cost.registers = _regs("tc_fwd", d)
     return cost
 
@@ -447,8 +452,9 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
                        red=64 * d, global_store_bytes=64 * d * 4)
     tile = _zero()
     vec = 3 * 64 * d // 8 // 128
-    _add(tile, dict(barriers=2, ldg=vec * w + 3 * w, sts128=vec * w, sts=2 * w,
-                    global_load_bytes=3 * 64 * d * es + 2 * 64 * 4))  # Q, Q_sel, dO, lse, Dl
+    # Q, Q_sel, dO by cp.async (issued during the previous block's dQ phase), lse, Dl.
+    _add(tile, dict(barriers=1, ldg=vec * w + 3 * w, sts128=vec * w, sts=2 * w,
+                    global_load_bytes=3 * 64 * d * es + 2 * 64 * 4))
     _add(tile, xyt)  # A^T = K_sel Q_sel^T
     _add(tile, dict(ldg=2 * w, shfl=80 * w, global_load_bytes=w * 32 * 4, ffma=48 * w))  # F^T
     _add(tile, xyt)  # S^T = K Q^T
@@ -470,7 +476,8 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
             k_dk * 64 * (d + 8) * 4)
     cost = _grid_cost("tc_bwd", 128, smem, fixed, tile, list(range(nqb, 0, -1)),
                       s.batch * s.heads_q, _bwd_dram(s), 1, 1,
-                      notes="8 GEMMs per tile (FA2: 5), synchronous loads, 1 CTA of 4 warps per "
+                      notes="8 GEMMs per tile (FA2: 5), query-side cp.async loads overlap "
+                            "only the dQ/dQsel phase, 1 CTA of 4 warps per "
                             "SM when shared memory exceeds 114 KB, dQ_sel atomics from every head")
     cost.registers = _regs("tc_bwd", d)
     return cost
@@ -739,8 +746,9 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
         lines += ["", "What a GPU run (bench/gpu_check.sh -> prefill_paths) must confirm: the "
                   "measured percentages of these bounds; that shared-memory wavefronts, not the "
                   "tensor pipe, limit the tensor-core kernels (ncu: l1tex data-pipe lsu "
-                  "wavefronts vs. pipe_tensor); the exposed latency of the synchronous tile "
-                  "loads at 1-2 CTAs/SM (registers 250+, see regs/occ above).", ""]
+                  "wavefronts vs. pipe_tensor); the exposed latency of the backward's synchronous "
+                  "tile loads at 1-2 CTAs/SM (registers 250+, see regs/occ above) and whether "
+                  "the forward's cp.async loads, one step ahead, hide theirs.", ""]
     lines += ["## Decode: bytes per step and the bandwidth-bound time", "",
               "One new token (chunk 1), D=128, slots = budget + 1. `ideal`: K/V once per kv "
               "head + F, pos, q, out; `current`: what the kernels of csrc/cuda/decode request "

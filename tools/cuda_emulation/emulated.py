@@ -99,6 +99,29 @@ DEFECTS.update({
     ),
 })
 
+# The tensor-core cp.async pipelines (tc_fwd.cuh, tc_bwd.cuh): a barrier before a refill is
+# gone, so a warp poisons a tile others still read (caught by TSan, or as a wrong answer
+# when the fibers' order exposes it); or V is read one group too early, before it lands.
+DEFECTS.update({
+    "tc_fwd_early_refill": (
+        "cuda/prefill/tc_fwd.cuh",
+        "    __syncthreads();  // every warp is done with s_k, s_ksel and s_warp_tot of this tile\n",
+        "",
+    ),
+    # The backward issues the next query block's Q, Q_sel, dO without waiting for the
+    # barrier after this block's last reads of them.
+    "tc_bwd_early_prefetch": (
+        "cuda/prefill/tc_bwd.cuh",
+        "    __syncthreads();  // also: every warp is done with s_q, s_qsel, s_do of this block\n",
+        "",
+    ),
+    "tc_fwd_missing_wait": (
+        "cuda/prefill/tc_fwd.cuh",
+        "    cp_async_wait<1>();  // this thread's V copies have landed (the next K may be in flight)\n",
+        "    cp_async_wait<2>();  // this thread's V copies have landed (the next K may be in flight)\n",
+    ),
+})
+
 # Defects of the decode kernels (csrc/cuda/decode), caught by cases.decode_defect_probes().
 DEFECTS.update({
     # The split combine forgets to rescale each split's partial sums to the common max.

@@ -55,8 +55,8 @@ bool env_is(const char* name, const char* want) {
 
 bool env_is_1(const char* name) { return env_is(name, "1"); }
 
-// The tensor-core forward loads rows 16 bytes at a time: every row start must be 16-byte
-// aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
+// The tensor-core forward loads and stores rows 16 bytes at a time: every row start must be
+// 16-byte aligned, i.e. aligned base pointers and strides that are multiples of 8 elements.
 bool tc_fwd_eligible(const PrefillParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 && p.head_dim != 128) return false;
@@ -65,11 +65,12 @@ bool tc_fwd_eligible(const PrefillParams& p) {
                              p.k_batch_stride,     p.k_head_stride,     p.k_row_stride,
                              p.v_batch_stride,     p.v_head_stride,     p.v_row_stride,
                              p.q_sel_batch_stride, p.q_sel_row_stride,  p.k_sel_batch_stride,
-                             p.k_sel_row_stride};
+                             p.k_sel_row_stride,  p.out_batch_stride,  p.out_head_stride,
+                             p.out_row_stride};
   for (int64_t s : strides)
     if (s % 8 != 0) return false;
   return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.q_sel) &&
-         aligned16(p.k_sel);
+         aligned16(p.k_sel) && aligned16(p.out);
 }
 
 // The backward also loads dout rows 16 bytes at a time.

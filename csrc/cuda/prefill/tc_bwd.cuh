@@ -21,6 +21,8 @@
 // Memory loss (p.dmem): in head-0 CTAs only (once per batch element), the suffix sum behind dA
 // also takes -dmem[i] * [F[i][j] < mem_tau] for j <= i (dF's extra term), from a bit mask of
 // the F tests taken while F^T is still live; dK and dQ use plain dL.
+// Loads are cp.async: K, K_sel, V with the first query block; each later block's Q, Q_sel, dO
+// are issued once the block before is done with them and land during its dQ atomics.
 // Varlen (p.cu_seqlens): CTAs whose key block starts past their sequence's end exit at once.
 #pragma once
 
@@ -200,9 +202,16 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   const T* dout = seq_dout<T>(p, b, h, rows);
   const auto [lse, dl_row, dq, dk, dv, dq_sel, dk_sel] = bwd_rows(p, ws, b, h, hk, rows, kD);
 
-  tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
-  tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
-  tc_load_rows<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
+  // The key-side tiles and the first (last-row) query block: one cp.async group. Each later
+  // query block is issued during the previous one's dQ atomics (see the loop's end).
+  const int64_t qb_stop = kb > qb_begin ? kb : qb_begin;
+  tc_load_rows_async<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
+  tc_load_rows_async<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
+  tc_load_rows_async<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
+  tc_load_rows_async<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, (qb_end - 1) * kBM, n);
+  tc_load_rows_async<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, (qb_end - 1) * kBM, n);
+  tc_load_rows_async<T, kD, kBM, kThr>(s_do, dout, p.dout_row_stride, (qb_end - 1) * kBM, n);
+  cp_async_commit();
   constexpr int kAccFloats = (kDkInSmem ? 2 : 1) * kBN * kAccStride;  // s_dks, then s_dk
   for (int e = threadIdx.x; e < kAccFloats; e += kThr) s_dks[e] = 0.f;
 
@@ -221,12 +230,10 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   float* dsuf = ws.dsuf + stats_offset(p, b, h, p.heads_q, rows);
   float dl_suffix[2] = {key_lo < n ? dsuf[key_lo] : 0.f, key_hi < n ? dsuf[key_hi] : 0.f};
 
-  for (int64_t qb = qb_end - 1; qb >= (kb > qb_begin ? kb : qb_begin); --qb) {
+  for (int64_t qb = qb_end - 1; qb >= qb_stop; --qb) {
     const int64_t row0 = qb * kBM;
-    __syncthreads();  // the previous tile's readers of the query-side tiles are done
-    tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
-    tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
-    tc_load_rows<T, kD, kBM, kThr>(s_do, dout, p.dout_row_stride, row0, n);
+    cp_async_wait<0>();  // this thread's copies of the block's Q, Q_sel, dO have landed
+    // (The previous block's readers of s_lse, s_dl, s_dmem passed the barrier before its dQ.)
     for (int r = threadIdx.x; r < kBM; r += kThr) {
       s_lse[r] = row0 + r < n ? lse[row0 + r] : 0.f;
       s_dl[r] = row0 + r < n ? dl_row[row0 + r] : 0.f;
@@ -354,12 +361,21 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
       *reinterpret_cast<uint32_t*>(s_dat + (kl + 8) * kPStride + rl) =
           pack2<T>(dat[nt][2], dat[nt][3]);
     }
-    __syncthreads();
+    __syncthreads();  // also: every warp is done with s_q, s_qsel, s_do of this block
+
+    // The next query block's Q, Q_sel, dO land during this block's dQ and dQsel atomics.
+    if (qb > qb_stop) {
+      tc_load_rows_async<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0 - kBM, n);
+      tc_load_rows_async<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0 - kBM, n);
+      tc_load_rows_async<T, kD, kBM, kThr>(s_do, dout, p.dout_row_stride, row0 - kBM, n);
+    }
+    cp_async_commit();  // possibly empty: the group count stays uniform
 
     // dQ += scale dL K and dQsel += scale dA Ksel; warps now split the query rows.
     tc_rows_times_keys_atomic<T, kD>(s_dlt, s_k, dq, row0, n, scale, warp, lane);
     tc_rows_times_keys_atomic<T, kD>(s_dat, s_ksel, dq_sel, row0, n, scale, warp, lane);
   }
+  cp_async_wait<0>();  // the last (empty) group
 
   if (t == 0) {
     if (key_lo < n) dsuf[key_lo] = dl_suffix[0];

@@ -24,6 +24,21 @@ __device__ __forceinline__ void tc_load_rows(T* smem, const T* src, int64_t row_
   }
 }
 
+// The same rows with cp.async (16-byte cp.async.cg, zero-filled past row n): the copies join
+// the calling thread's open cp.async group and are visible after its cp_async_wait and a
+// barrier. Rows past n read nothing (row 0, always present, stands in as the address).
+template <typename T, int kD, int kRows, int kThreadCount>
+__device__ __forceinline__ void tc_load_rows_async(T* smem, const T* src, int64_t row_stride,
+                                                   int64_t row0, int64_t n) {
+  constexpr int kVecs = kD / 8;
+  constexpr int kStride = kD + 8;
+  for (int e = threadIdx.x; e < kRows * kVecs; e += kThreadCount) {
+    const int r = e / kVecs, c = (e % kVecs) * 8;
+    const bool valid = row0 + r < n;
+    cp_async_16(smem + r * kStride + c, src + (valid ? (row0 + r) * row_stride + c : 0), valid);
+  }
+}
+
 // acc[mt] (rows 16 mt .. 16 mt + 15 of sx x 64 rows of sy, as 8 C fragments) = X Y^T over kD,
 // for kM consecutive 16-row m-tiles starting at sx. Each k-step loads the B fragments of sy
 // once for all kM m-tiles. kRollK keeps the k loop rolled (fewer ldmatrix results in flight:

@@ -9,6 +9,10 @@
 //      memory), all in fp32.
 //   3. logits = scale * Q K^T - F, causal mask, online softmax on the fragments.
 //   4. O += P V, with P re-packed from the C fragments as the A operand.
+// Loads are cp.async, overlapped as in FlashAttention-2 without a second buffer: V of tile j
+// is issued before steps 1-3 of tile j, K and K_sel of tile j + 1 right after its Q K^T, so
+// each load runs under the math of the step before its first use (4 barriers per tile).
+// O is written back through shared memory in 16-byte row vectors.
 // With p.mem set (auxiliary memory loss), the head-0 CTAs also sum min(F, mem_tau) over each
 // row's keys j <= i from the F fragments of step 2 and write mem[b][i] once at the end (one
 // head-0 CTA per row: no atomics).
@@ -76,8 +80,12 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   const float* poff_block =
       poff + (b * sc.stride + row0 / kSelBlockRows - sc.begin) * p.seqlen;
 
-  tc_load_rows<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
-  tc_load_rows<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
+  // Q, Q_sel and the first key tile's K, K_sel: the first cp.async group.
+  tc_load_rows_async<T, kD, kBM, kThr>(s_q, q, p.q_row_stride, row0, n);
+  tc_load_rows_async<T, kD, kBM, kThr>(s_qsel, q_sel, p.q_sel_row_stride, row0, n);
+  tc_load_rows_async<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, 0, n);
+  tc_load_rows_async<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, 0, n);
+  cp_async_commit();
 
   float o[kD / 8][4];
 #pragma unroll
@@ -88,11 +96,11 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   float mem_part[2] = {0.f, 0.f};  // this lane's share of sum_j min(F, mem_tau), rows i_lo, i_hi
 
   for (int64_t col0 = 0; col0 <= last_row; col0 += kBN) {
-    __syncthreads();  // the previous tile's readers of s_k/s_ksel/s_v/s_warp_tot are done
-    tc_load_rows<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
-    tc_load_rows<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
-    tc_load_rows<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
-    __syncthreads();
+    cp_async_wait<0>();  // this thread's copies of the tile's K, K_sel have landed
+    __syncthreads();     // ... everyone's; and the previous tile's P V is done with s_v
+    // V lands while the selection tile, F and Q K^T are computed (FlashAttention-2's order).
+    tc_load_rows_async<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
+    cp_async_commit();
 
     // 1-2. Selection tile, then F in place: f[nt][c] for (row, key) = C-fragment element.
     float f[8][4];
@@ -151,6 +159,13 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
     // 3. Logits and online softmax (rows i_lo: c = 0, 1; rows i_hi: c = 2, 3).
     float s[8][4];
     tc_gemm_xyt<T, kD>(s, s_q, s_k, warp, lane);
+    __syncthreads();  // every warp is done with s_k, s_ksel and s_warp_tot of this tile
+    // The next tile's K, K_sel land during the softmax and P V.
+    if (col0 + kBN <= last_row) {
+      tc_load_rows_async<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0 + kBN, n);
+      tc_load_rows_async<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0 + kBN, n);
+    }
+    cp_async_commit();  // possibly empty: the group count stays uniform
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -197,6 +212,8 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
       o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
     }
 
+    cp_async_wait<1>();  // this thread's V copies have landed (the next K may be in flight)
+    __syncthreads();     // ... everyone's
     // 4. O += P V; 16 keys per k-step: n-tiles 2kk and 2kk+1 of P form one A fragment.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
@@ -215,6 +232,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
       }
     }
   }
+  cp_async_wait<0>();  // the last (empty) group
 
   // The sequence's rows again (not kept live across the key loop: fewer registers there).
   const SeqRows rows_out = seq_rows(p, b);
@@ -233,18 +251,28 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
       if (t == 0 && i < n) mem[i] = row_sum;
     }
   }
+  // O leaves through this warp's own 16 rows of s_q (no other warp reads them), so each
+  // global store is one 16-byte vector of a row instead of a 4-byte pair per lane.
+  T* s_o = s_q + warp * 16 * kStride;
+  __syncwarp();  // every lane's last reads of these rows (the Q K^T fragments) are done
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const int64_t i = rh == 0 ? i_lo : i_hi;
-    if (i >= n) continue;
-    const float inv_l = 1.f / l[rh];  // key 0 is always visible: l >= 1
+    // Key 0 is always visible, so l >= 1 on every row < n; rows past n are not stored.
+    const float inv_l = i < n ? 1.f / l[rh] : 0.f;
 #pragma unroll
-    for (int dt = 0; dt < kD / 8; ++dt) {
-      const int d = dt * 8 + 2 * t;
-      store_elem(out + i * p.out_row_stride + d, o[dt][2 * rh] * inv_l);
-      store_elem(out + i * p.out_row_stride + d + 1, o[dt][2 * rh + 1] * inv_l);
-    }
-    if (t == 0) lse[i] = m[rh] + __logf(l[rh]);
+    for (int dt = 0; dt < kD / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(s_o + (g + 8 * rh) * kStride + dt * 8 + 2 * t) =
+          pack2<T>(o[dt][2 * rh] * inv_l, o[dt][2 * rh + 1] * inv_l);
+    if (t == 0 && i < n) lse[i] = m[rh] + __logf(l[rh]);
+  }
+  __syncwarp();
+  for (int e = lane; e < 16 * (kD / 8); e += 32) {
+    const int r = e / (kD / 8), c = (e % (kD / 8)) * 8;
+    const int64_t i = row0 + warp * 16 + r;
+    if (i < n)
+      *reinterpret_cast<uint4*>(out + i * p.out_row_stride + c) =
+          *reinterpret_cast<const uint4*>(s_o + r * kStride + c);
   }
 }
 
