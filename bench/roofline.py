@@ -128,7 +128,7 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("prepass_tc_colsum", 32): 95, ("prepass_tc_colsum", 64): 96, ("prepass_tc_colsum", 96): 96,
     ("prepass_tc_colsum", 128): 96,
     ("tc_fwd", 32): 128, ("tc_fwd", 64): 203, ("tc_fwd", 96): 219, ("tc_fwd", 128): 237,
-    ("tc_bwd", 64): 236, ("tc_bwd", 96): 252, ("tc_bwd", 128): 239,
+    ("tc_bwd", 64): 236, ("tc_bwd", 96): 255, ("tc_bwd", 128): 239,
 }
 
 
