@@ -18,7 +18,7 @@
 
 #include "cuda/arch.cuh"
 #include "cuda/prefill/prepass.cuh"
-#include "cuda/prefill/tc_common.cuh"
+#include "cuda/tc_mma.cuh"
 
 namespace selattn::cuda {
 
