@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kAttendThreads)
       // 1. S[tt][j] for the pass's tokens (warp w: tokens 16w..16w+15), into off rows 1..ntok.
       {
         float sc[8][4];
-        tc_gemm_xyt<T, D>(sc, qsel_s, ksel_tile, warp, lane);
+        tc_gemm_xyt<T, D, (D > 64)>(sc, qsel_s, ksel_tile, warp, lane);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kAttendThreads)
 
       // 2. Logits s q.k - off, -inf where hidden; online softmax; O += P V.
       float s[8][4];
-      tc_gemm_xyt<T, D>(s, q_s, k_tile, warp, lane);
+      tc_gemm_xyt<T, D, (D > 64)>(s, q_s, k_tile, warp, lane);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
