@@ -940,7 +940,11 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
                   f"bytes at an assumed {L2_TBPS} TB/s of L2; `bound_us` = the larger; "
                   "`simt_over_tc`: the predicted speed-up of the tensor-core kernel. The finish "
                   "launch (merge, commit) is the same for both and not included. No GPU timing "
-                  "exists yet (bench/gpu_check.sh).", ""]
+                  "exists yet (bench/gpu_check.sh). At c = 256 most of `dram_MB` is the fp32 "
+                  "partial states (B Hq c splits (D + 2) 4 bytes, read again by the finish "
+                  "launch), not K/V: decode::Workspace sizes the split plan for c = 1 (4 CTAs "
+                  "per SM); for chunks, whose c G rows already give each CTA work, fewer splits "
+                  "would cut that traffic (not done).", ""]
         lines += _table(report["decode_chunk"],
                         ["step", "path", "ctas", "smem", "regs", "occ", "plan", "requested_MB",
                          "dram_MB", "tc_GFLOP", "simt_GFLOP", "pipes_us", "limiter", "l2_us",
