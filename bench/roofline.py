@@ -28,6 +28,8 @@ that is.
 
     python bench/roofline.py                       # writes bench/results/roofline_<date>_<commit>.{json,md}
     python bench/roofline.py --out DIR --print
+The decode section also prices one chunk step's attend launch on both paths
+(decode_chunk_cost: attend_kernel vs the tensor-core attend_tc_kernel).
 As a module: prefill_bounds(shape, gpu) and decode_step_bytes(...) are used by
 bench/prefill_paths.py to print measured time as a percentage of the bound.
 """
@@ -129,6 +131,12 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("prepass_tc_colsum", 128): 96,
     ("tc_fwd", 32): 128, ("tc_fwd", 64): 203, ("tc_fwd", 96): 219, ("tc_fwd", 128): 237,
     ("tc_bwd", 64): 236, ("tc_bwd", 96): 255, ("tc_bwd", 128): 239,
+    # csrc/cuda/decode (bf16; bench/results/ptxas_sm90_decode_tc_*.txt). attend_kernel spills
+    # 36-40 bytes at head dims >= 64 (80 registers); attend_tc_kernel does not spill.
+    ("decode_attend_simt", 32): 94, ("decode_attend_simt", 64): 80,
+    ("decode_attend_simt", 96): 80, ("decode_attend_simt", 128): 80,
+    ("decode_attend_tc", 32): 127, ("decode_attend_tc", 64): 143,
+    ("decode_attend_tc", 96): 182, ("decode_attend_tc", 128): 219,
 }
 
 
@@ -631,6 +639,173 @@ def decode_full_vs_pruned(n: int = 32768, budget: int = 2048, head_dim: int = 12
     return rows
 
 
+# ---- decode: one chunk step (c > 1), the attend kernel -------------------------------------
+
+# L2 read bandwidth assumed for the re-read K/V (not in the spec sheets; microbenchmarks of
+# H100 SXM report about 5.5 TB/s): re-reads are L2 hits, so this, not HBM, prices them.
+L2_TBPS = 5.5
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """One chunk step of a SelectiveKVCache(budget, max_chunk=chunk) that is full: budget
+    cached tokens plus `chunk` new ones (slots = budget + chunk, key columns = slots + chunk)."""
+    batch: int
+    heads_q: int
+    heads_kv: int
+    budget: int
+    chunk: int
+    head_dim: int
+    elem_bytes: int = 2
+
+    @property
+    def label(self) -> str:
+        return (f"B{self.batch} H{self.heads_q}/{self.heads_kv} budget {self.budget} "
+                f"c {self.chunk} D{self.head_dim}")
+
+
+def decode_split_plan(batch: int, heads_kv: int, ncols: int, sms: int = 132) -> tuple:
+    """(splits, columns per split) as decode::Workspace plans them (kernels.cuh: 4 attend CTAs
+    per SM, at least 64 columns per split, boundaries on multiples of 32)."""
+    ctas = max(1, batch * heads_kv)
+    want = -(-4 * sms // ctas)
+    most = -(-ncols // 64)
+    s = max(1, min(want, most))
+    cps = -(-(-(-ncols // s)) // 32) * 32
+    return -(-ncols // cps), cps
+
+
+def decode_simt_rows(d: int, acc_bytes: int = 4) -> int:
+    """Tile<T, D>::kRows: group rows per pass of attend_kernel (4 KiB of fp32 q rows)."""
+    return min(16, max(2, 4096 // (d * acc_bytes)))
+
+
+def _up16(x: int) -> int:
+    return -(-x // 16) * 16
+
+
+def decode_simt_smem(d: int, es: int = 2) -> int:
+    """Tile<T, D>::kBytes at 32 columns per tile (what pick_cols gives for 16-bit D <= 128)."""
+    rows, cols, rb = decode_simt_rows(d), 32, d * es + 16
+    return (2 * 2 * cols * rb + 2 * _up16(rows * d * 4) + 2 * _up16(rows * cols * 4) +
+            _up16(cols * 4) + _up16(cols * 8) + _up16(3 * rows * 4))
+
+
+def decode_tc_smem(d: int, es: int = 2) -> int:
+    """TcTile<T, D>::kBytes (tc_attend.cuh): 2 stages x (K, V, K_sel) of 64 rows, Q, Q_sel,
+    the fp32 offsets [65][64] and 64 positions."""
+    rb = (d + 8) * es
+    return 2 * 3 * 64 * rb + 2 * 64 * rb + _up16(65 * 64 * 4) + 64 * 8
+
+
+def decode_chunk_cost(st: ChunkStep, path: str) -> KernelCost:
+    """The attend launch of one chunk step: attend_tc_kernel (tc_attend.cuh, path "tc") or
+    attend_kernel (kernels.cuh, "simt"). Grid (splits, Hkv, B), 128 threads; each CTA walks its
+    group's c * G rows in passes (64 rows on the tensor cores, Tile::kRows = 8..16 on the SIMT
+    path) and streams its column range (K, V, and the selection group's keys outside that
+    group) once per pass. Counts per pass and key tile as the code reads; the finish launch
+    (merge, commit) is the same for both paths and not included."""
+    d, es, g = st.head_dim, st.elem_bytes, st.heads_q // st.heads_kv
+    slots = st.budget + st.chunk
+    ncols = slots + st.chunk
+    splits, cps = decode_split_plan(st.batch, st.heads_kv, ncols)
+    valid = (st.budget + st.chunk) / ncols  # empty columns are zero-filled, not read
+    rows = st.chunk * g
+    w = 4
+    # Share of CTAs outside the selection group: they also stream (tc) or fetch (simt) K_sel.
+    other = (st.heads_kv - 1) / st.heads_kv
+    if path == "tc":
+        rows_pass, cols = 64, 64
+        ntok = min(64, -(-64 // g))
+        planes = 2 + other
+        gemm = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d)
+        tile = dict(ldg=planes * 64 * d / 8 / 32, global_load_bytes=planes * 64 * d * es * valid,
+                    barriers=4)
+        _add(tile, gemm)  # S = Q_sel K_sel^T
+        # S to shared memory (32 per thread), the column scan (2 warps, ntok steps), offsets
+        # read back per logit, softmax as tc_fwd's, P V.
+        _add(tile, dict(sts=32 * w + 2 * ntok, lds=2 * ntok + 32 * w, ffma=2 * ntok + 32 * w))
+        _add(tile, gemm)  # Q K^T
+        _add(tile, dict(mufu=34 * w, shfl=8 * w, ffma=(32 + 32 + d // 2) * w))
+        _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d))
+        fixed = dict(ldg=2 * 64 * d / 8 / 32, sts128=2 * 64 * d / 8 / 32,
+                     global_load_bytes=2 * 64 * d * es, global_store_bytes=64 * (d + 2) * 4)
+        smem, regs = decode_tc_smem(d, es), _regs("decode_attend_tc", d)
+    else:
+        rows_pass, cols = decode_simt_rows(d), 32
+        ntok = min(rows_pass, -(-rows_pass // g) + 1)
+        # Per dot of D: D/8 16-byte loads of the key row (32 rows per warp: 4 wavefronts, as
+        # ldsm), D/4 of the fp32 q row (one row per warp: broadcast, 1 wavefront), D FMAs.
+        def dots(n: float) -> Dict[str, float]:
+            return dict(ldsm=n * (d // 8) / 32, lds=n * (d // 4) / 32, ffma=n * d / 32,
+                        simt_flops=2 * n * d)
+        tile = dict(ldg=2 * cols * d / 8 / 32, global_load_bytes=2 * cols * d * es * valid,
+                    barriers=5)
+        _add(tile, dots(ntok * cols))  # S
+        # Outside the selection group the S dots read K_sel rows from global memory (L1/L2).
+        _add(tile, dict(ldg=other * ntok * cols * d / 8 / 32,
+                        global_load_bytes=other * ntok * cols * d * es * valid))
+        _add(tile, dots(rows_pass * cols))  # logits
+        # Offsets: each logit sums the S of the tokens before it in the pass.
+        _add(tile, dict(lds=rows_pass * cols * (ntok - 1) / 2 / 32 + 2 * ntok))
+        # Online softmax, one warp per row: 2 exp, 10 shuffles.
+        _add(tile, dict(mufu=2 * rows_pass, shfl=10 * rows_pass, ffma=4 * rows_pass))
+        # P V: per (row, 8-wide slice, column) one probability and one 16-byte V load, 8 FMAs.
+        _add(tile, dict(lds=rows_pass * d / 8, ldsm=rows_pass * d / 8,
+                        ffma=rows_pass * d, simt_flops=2 * rows_pass * cols * d))
+        fixed = dict(ldg=2 * rows_pass * d / 32, sts=2 * rows_pass * d / 32,
+                     global_load_bytes=2 * rows_pass * d * es,
+                     global_store_bytes=rows_pass * (d + 2) * 4)
+        smem, regs = decode_simt_smem(d, es), _regs("decode_attend_simt", d)
+    passes = -(-rows // rows_pass)
+    per_cta = []
+    for sp in range(splits):
+        n = min(cps, ncols - sp * cps)
+        per_cta.append(passes * -(-n // cols))
+    # Unique DRAM bytes, the same for both paths (re-reads hit L2): K/V of every kv head, q,
+    # F and pos, the partial states written.
+    dram = (2 * st.batch * st.heads_kv * (st.budget + st.chunk) * d * es +
+            st.batch * st.heads_q * st.chunk * d * es + st.batch * slots * 12 +
+            st.batch * st.heads_q * st.chunk * splits * (d + 2) * 4)
+    cost = _grid_cost(f"decode_attend_{path}", 128, smem, _zero(), tile, per_cta,
+                      st.batch * st.heads_kv, dram, 0, 1,
+                      notes=f"{passes} passes of {rows_pass} rows, {splits} splits of {cps} columns")
+    # The fixed part is per pass, not per CTA: add it passes x CTAs times.
+    _add(cost.total, fixed, passes * cost.ctas)
+    _add(cost.per_cta_max, fixed, passes)
+    _add(cost.per_cta_mean, fixed, passes)
+    cost.registers = regs
+    return cost
+
+
+def decode_chunk_steps() -> List[ChunkStep]:
+    """Issue 13's chunked prefill (budget 1024, chunk 256; D 64 as measured on the CPU, D 128),
+    with GQA groups of 1 and 4, and a batched step."""
+    return [ChunkStep(1, 8, 8, 1024, 256, 64), ChunkStep(1, 8, 8, 1024, 256, 128),
+            ChunkStep(1, 32, 8, 1024, 256, 128), ChunkStep(1, 32, 8, 4096, 256, 128),
+            ChunkStep(8, 32, 8, 2048, 64, 128), ChunkStep(1, 32, 8, 1024, 16, 128)]
+
+
+def decode_chunk_table(gpu: Gpu) -> List[Dict[str, object]]:
+    rows = []
+    for st in decode_chunk_steps():
+        pair = {}
+        for path in ("simt", "tc"):
+            k = decode_chunk_cost(st, path).finish(gpu, gpu.mma_sync_tflops)
+            l2_us = k.total["global_load_bytes"] / (L2_TBPS * 1e12) * 1e6
+            pair[path] = max(k.bound_us["lower_bound"], l2_us)
+            rows.append(dict(step=st.label, path=path, ctas=k.ctas, smem=k.smem_bytes,
+                             regs=k.registers, occ=k.occupancy, plan=k.notes,
+                             requested_MB=k.total["global_load_bytes"] / 1e6,
+                             dram_MB=k.dram_bytes / 1e6, tc_GFLOP=k.total["tc_flops"] / 1e9,
+                             simt_GFLOP=k.total["simt_flops"] / 1e9,
+                             pipes_us=k.bound_us["lower_bound"], limiter=k.limiter,
+                             l2_us=l2_us, dram_us=k.bound_us["dram"],
+                             bound_us=pair[path]))
+        rows[-1]["simt_over_tc"] = pair["simt"] / pair["tc"]
+    return rows
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 def _git_commit() -> str:
@@ -659,7 +834,8 @@ def build_report(shapes: Sequence[Shape], gpu_list: Sequence[Gpu]) -> Dict[str, 
               for s in shapes]
     return dict(gpus=[asdict(g) for g in gpu_list], shapes=[asdict(s) for s in shapes],
                 kernels=kernels, prefill_bounds=bounds, decode=decode_table(gpu_list),
-                decode_full_vs_pruned=decode_full_vs_pruned())
+                decode_full_vs_pruned=decode_full_vs_pruned(),
+                decode_chunk=decode_chunk_table(gpu_list[0]))
 
 
 def _fmt(v: object) -> str:
@@ -760,6 +936,27 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
     lines += ["", "### Full cache vs pruned at N = 32K, budget 2K (bytes per step)", ""]
     lines += _table(report["decode_full_vs_pruned"],
                     list(report["decode_full_vs_pruned"][0].keys()))
+    if report.get("decode_chunk"):
+        lines += ["", "### Chunked prefill: the attend launch of one chunk step, SIMT vs tensor "
+                  "cores", "",
+                  f"{g0['name']}, mma.sync at 2/3 of the dense spec, bf16. A full cache "
+                  "(budget tokens + c new). Both paths move the same unique DRAM bytes "
+                  "(`dram_MB`); they differ in how often each CTA re-reads its K/V columns "
+                  "(once per pass: 64 group rows on the tensor cores, Tile::kRows = 16 at D 64, "
+                  "8 at D 128 on the SIMT path), which is `requested_MB` (L2 hits), and in the "
+                  "pipe doing the math. `pipes_us`: slowest SM pipe or DRAM; `l2_us`: requested "
+                  f"bytes at an assumed {L2_TBPS} TB/s of L2; `bound_us` = the larger; "
+                  "`simt_over_tc`: the predicted speed-up of the tensor-core kernel. The finish "
+                  "launch (merge, commit) is the same for both and not included. No GPU timing "
+                  "exists yet (bench/gpu_check.sh). At c = 256 most of `dram_MB` is the fp32 "
+                  "partial states (B Hq c splits (D + 2) 4 bytes, read again by the finish "
+                  "launch), not K/V: decode::Workspace sizes the split plan for c = 1 (4 CTAs "
+                  "per SM); for chunks, whose c G rows already give each CTA work, fewer splits "
+                  "would cut that traffic (not done).", ""]
+        lines += _table(report["decode_chunk"],
+                        ["step", "path", "ctas", "smem", "regs", "occ", "plan", "requested_MB",
+                         "dram_MB", "tc_GFLOP", "simt_GFLOP", "pipes_us", "limiter", "l2_us",
+                         "bound_us", "simt_over_tc"])
     return "\n".join(lines) + "\n"
 
 

@@ -161,3 +161,25 @@ def test_tc_prepass_flops_closed_form(d):
     # The tensor-core launchers use it; the SIMT ones keep the SIMT pre-pass.
     assert rl.prefill_kernels(s, "tc", False)[0].kernel == "prepass_tc_colsum"
     assert rl.prefill_kernels(s, "simt", False)[0].kernel == "prepass_colsum"
+
+
+def test_decode_chunk_step_tc_vs_simt():
+    # c * G = 100 group rows: 2 passes of 64 on the tensor cores, 7 of Tile::kRows = 16 (D 64)
+    # on the SIMT path; each pass streams the CTA's columns once.
+    st = rl.ChunkStep(1, 4, 2, 100, 50, 64)
+    tc, simt = rl.decode_chunk_cost(st, "tc"), rl.decode_chunk_cost(st, "simt")
+    ncols = 100 + 2 * 50
+    splits, cps = rl.decode_split_plan(1, 2, ncols)
+    assert splits * cps >= ncols > (splits - 1) * cps and cps % 32 == 0
+    tiles = sum(-(-min(cps, ncols - s * cps) // 64) for s in range(splits))
+    # Three 64 x 64 x D GEMMs (S, Q K^T, P V) per pass and tile, per (batch, kv head).
+    assert tc.total["tc_flops"] == 3 * 2 * 64 * 64 * 64 * 2 * tiles * 2
+    assert tc.total["tc_flops"] == tc.total["mma"] * rl.MMA_FLOPS
+    assert simt.total["tc_flops"] == 0 and simt.total["simt_flops"] > 0
+    assert "2 passes of 64" in tc.notes and "7 passes of 16" in simt.notes
+    # TcTile<bf16, 64>::kBytes and Tile<bf16, 128>::kBytes as the kernels lay them out.
+    assert tc.smem_bytes == rl.decode_tc_smem(64) == 90880
+    assert rl.decode_simt_smem(128) == 45536
+    # Same unique DRAM bytes; the SIMT kernel re-requests K/V 3.5x as often (7 vs 2 passes).
+    assert tc.dram_bytes == simt.dram_bytes
+    assert simt.total["global_load_bytes"] > 3 * tc.total["global_load_bytes"]

@@ -45,7 +45,7 @@ def tensor_core(kind):
 
 def decode():
     for name, ctype in DTYPES.items():
-        body = ('#include "cuda/decode/kernels.cuh"\n\n'
+        body = ('#include "cuda/decode/dispatch.cuh"\n\n'
                 "namespace selattn::cuda::decode {\n"
                 f"cudaError_t launch_{name}(const DecodeParams& p, const Workspace& ws, "
                 "cudaStream_t stream) {\n"

@@ -180,6 +180,7 @@ class DecodeCase:
     ragged: bool = False
     split_cols: Optional[int] = None  # key columns per split-KV CTA (None: the launcher's plan)
     seed: int = 0
+    chunks: Optional[tuple] = None  # chunk size of each step, cycled (None: random 1..max_chunk)
 
     @property
     def shape(self):
@@ -203,7 +204,8 @@ def check_decode(emu, c: DecodeCase) -> list:
     eager = reference.ReferenceKVCache(c.budget, tau=c.tau, sel_head=c.sel_head)
     worst_ratio, worst, worst_tol, same_state = -1.0, 0.0, 0.0, True
     for s in range(c.steps):
-        n = int(torch.randint(1, c.max_chunk + 1, (), generator=g))
+        n = (c.chunks[s % len(c.chunks)] if c.chunks else
+             int(torch.randint(1, c.max_chunk + 1, (), generator=g)))
         q = (torch.randn(B, Hq, n, D, generator=g, dtype=torch.float64) * 1.5).to(c.dtype)
         k = (torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64) * 1.5).to(c.dtype)
         v = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64).to(c.dtype)
@@ -232,7 +234,8 @@ def check_decode(emu, c: DecodeCase) -> list:
     passed = same_state and worst <= worst_tol and bool(torch.isfinite(out).all())
     return [dict(kernel="decode", dtype=NAMES[c.dtype], head_dim=D, shape=c.shape,
                  chunk=c.max_chunk, tau=c.tau, sel_head=c.sel_head, ragged=c.ragged,
-                 steps=c.steps, split_cols=c.split_cols, evicted=evicted, max_err=worst,
+                 steps=c.steps, split_cols=c.split_cols,
+                 chunks=list(c.chunks) if c.chunks else None, evicted=evicted, max_err=worst,
                  tol=worst_tol, passed=bool(passed))]
 
 
@@ -290,7 +293,45 @@ def ci_decode_cases():
             DecodeCase(torch.float16, 128, steps=5, budget=4, max_chunk=2, seed=4),
             # GQA group of 4 in one CTA, 3 splits, the selection head in the second group.
             DecodeCase(torch.bfloat16, 128, heads_q=8, heads_kv=2, batch=2, budget=7, steps=10,
-                       sel_head=6, split_cols=3, seed=5)]
+                       sel_head=6, split_cols=3, seed=5)] + tc_chunk_cases()[:2]
+
+
+def tc_chunk_cases():
+    """Chunks (c > 1) on the tensor-core attend kernel (tc_attend.cuh: bf16/fp16, head dims
+    32..128): group rows c * G below, at and above one 64-row pass (and not a multiple of 64),
+    groups of 1..4, the selection head in another kv group than most CTAs, ragged batches,
+    several splits (forced narrow, 2 tiles of 64 per split, or the launcher's plan), a
+    threshold, budgets that evict several tokens a step. The first two are the CI subset;
+    every one sets `chunks`, so `run_all.py --only "chunks=("` selects them (and the probe)."""
+    bf, fp = torch.bfloat16, torch.float16
+    return [
+        # G = 2: 2 x 40 = 80 rows (two passes, a token's rows in one pass), 2 steps.
+        DecodeCase(bf, 64, heads_q=4, heads_kv=2, batch=2, budget=24, max_chunk=40,
+                   chunks=(40, 1, 17), steps=3, sel_head=3, split_cols=48, ragged=True,
+                   seed=90),
+        # G = 3, c * G = 21, 6 and 66 (a token's heads split across passes), tau, 3 splits.
+        DecodeCase(fp, 32, heads_q=3, heads_kv=1, batch=1, budget=12, max_chunk=22,
+                   chunks=(7, 2, 22), steps=3, tau=1.0, sel_head=2, split_cols=16, seed=91),
+        # G = 1, exactly one pass (64), then 65 (one row in a second pass), several tiles.
+        DecodeCase(fp, 128, heads_q=2, heads_kv=2, batch=1, budget=70, max_chunk=65,
+                   chunks=(64, 65, 3), steps=3, tau=2.0, sel_head=1, seed=92),
+        # G = 4: 4 x 48 = 192 rows (three full passes), 2 tiles per split, sel in group 1.
+        DecodeCase(fp, 96, heads_q=8, heads_kv=2, batch=1, budget=100, max_chunk=48,
+                   chunks=(48, 33, 48), steps=3, sel_head=5, split_cols=100, seed=93),
+        # Small chunks against a small budget: evictions every step, B = 2, G = 1.
+        DecodeCase(bf, 128, heads_q=1, heads_kv=1, batch=2, budget=8, max_chunk=16,
+                   chunks=(16, 5, 9, 2), steps=8, seed=94),
+        # B = 3 ragged, G = 2, sel head in the middle group, threshold, narrow splits.
+        DecodeCase(fp, 64, heads_q=6, heads_kv=3, batch=3, budget=12, max_chunk=9,
+                   chunks=(9, 4, 7, 2), steps=8, tau=1.2, ragged=True, sel_head=4,
+                   split_cols=6, seed=95),
+        # D = 96 bf16, G = 1, c = 65 over a budget of 30.
+        DecodeCase(bf, 96, heads_q=2, heads_kv=1, batch=1, budget=30, max_chunk=65,
+                   chunks=(65, 20), steps=4, sel_head=1, seed=96),
+        # D = 32 bf16, G = 2, sel head in group 1 of 2, the launcher's own split plan.
+        DecodeCase(bf, 32, heads_q=4, heads_kv=2, batch=2, budget=50, max_chunk=40,
+                   chunks=(40, 30, 5), steps=3, sel_head=2, ragged=True, seed=97),
+    ]
 
 
 def decode_defect_probes():
@@ -304,7 +345,11 @@ def decode_defect_probes():
                        max_chunk=32, steps=4, sel_head=1, seed=41),
             # Chunks over a small budget: several evictions a step (the one-pass select).
             DecodeCase(torch.float32, 32, heads_q=4, heads_kv=2, batch=2, budget=8,
-                       max_chunk=6, steps=8, sel_head=2, split_cols=5, seed=42)]
+                       max_chunk=6, steps=8, sel_head=2, split_cols=5, seed=42),
+            # Tensor-core chunks: two passes of 64 rows, 2 tiles per split, sel in group 1.
+            DecodeCase(torch.bfloat16, 64, heads_q=4, heads_kv=2, batch=1, budget=40,
+                       max_chunk=36, chunks=(36, 20), steps=2, sel_head=2, split_cols=100,
+                       seed=43)]
 
 
 def full_prefill_cases():
@@ -360,6 +405,7 @@ def full_decode_cases():
         cases.append(DecodeCase(dt, (128, 32, 256, 64)[i], heads_q=6, heads_kv=3, batch=3,
                                 budget=12, max_chunk=2, steps=12, tau=1.2, ragged=True,
                                 sel_head=5, split_cols=6, seed=80 + i))
+    cases.extend(tc_chunk_cases()[2:])
     cases.extend(decode_defect_probes())
     return cases
 

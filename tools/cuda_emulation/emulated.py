@@ -57,9 +57,9 @@ DEFECTS = {
     ),
     # One fragment index off by one: P's A fragment for P V takes column 1 instead of row 8.
     "fragment_index": (
-        "cuda/prefill/tc_fwd.cuh",
-        "      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);\n",
-        "      a[1] = pack2<T>(s[2 * kk][1], s[2 * kk][3]);\n",
+        "cuda/tc_mma.cuh",
+        "    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);\n",
+        "    a[1] = pack2<T>(s[2 * kk][1], s[2 * kk][3]);\n",
     ),
     # One tail guard dropped: staging reads rows past N.
     "tail_guard": (
@@ -147,6 +147,13 @@ DEFECTS.update({
         "cuda/decode/kernels.cuh",
         "      cp_async_wait<1>();  // this thread's copies of tile i have landed\n",
         "      cp_async_wait<2>();  // this thread's copies of tile i have landed\n",
+    ),
+    # Tensor-core chunks (tc_attend.cuh): the in-chunk cumsum of S taken inclusive (a token's
+    # own S[t, j] counted in its offset), an off-by-one in the token index of the offsets.
+    "decode_tc_inclusive_cumsum": (
+        "cuda/decode/tc_attend.cuh",
+        "          s[nt][e] = visible ? scale * s[nt][e] - off_s[r_tok[rh] * kCols + jj] : -INFINITY;\n",
+        "          s[nt][e] = visible ? scale * s[nt][e] - off_s[(r_tok[rh] + 1) * kCols + jj] : -INFINITY;\n",
     ),
 })
 
@@ -581,7 +588,10 @@ class Emulation:
         ptr_arr = (ctypes.c_void_p * len(ptrs))(*[t.data_ptr() if t is not None else None
                                                   for t in ptrs])
         rc = self._call(self.lib.selattn_emu_decode, ints_arr, reals, ptr_arr)
-        launched = self._finish(rc, "decode_step", ["attend_kernel", "finish_kernel"])
+        # bf16/fp16 chunks at the tensor-core head dims take attend_tc_kernel (tc_attend.cuh).
+        tc = q.dtype in (torch.bfloat16, torch.float16) and D in TC_HEAD_DIMS and c > 1
+        attend = "attend_tc_kernel<" if tc else "attend_kernel<"
+        launched = self._finish(rc, "decode_step", [attend, "finish_kernel"])
         if len(launched) != 2:  # a step is two launches (CUDA-graph friendly)
             raise EmulationError(f"decode_step: expected two launches, ran {launched}")
         return out

@@ -1,5 +1,7 @@
 // CUDA kernels of one pruned-KV-cache step (DESIGN §3; semantics in decode_params.h).
-// Torch-free: included by csrc/cuda/instantiations/decode_<dtype>.cu, one set per element type.
+// Torch-free. Launched by decode/dispatch.cuh (instantiated per element type in
+// csrc/cuda/instantiations/decode_<dtype>.cu); chunks (c > 1) in bf16/fp16 at head dims <= 128
+// take the tensor-core attend kernel of decode/tc_attend.cuh instead of attend_kernel.
 //
 // Two launches per step, FlashAttention-2 split-KV style, no host synchronisation and no
 // allocation (the workspace is the caller's), so a step can be captured in a CUDA graph. The
@@ -13,6 +15,8 @@
 //      relu(q.k)) is computed where it is needed, by the CTA of the selection head's group
 //      (whose running sums become the new F) and, for chunks (c > 1), by every CTA for its own
 //      offsets. Each CTA writes a partial softmax state (max, sum, unnormalised output) per row.
+//      For bf16/fp16 chunks at head dims <= 128, attend_tc_kernel (tc_attend.cuh) does this
+//      step on the tensor cores in 64-row passes, with the same outputs and running-F protocol.
 //   2. finish: grid (1 + row blocks, B). Blocks >= 1 merge the partial states into `out`;
 //      block 0 commits the step for its sequence: F update, insertion of the new tokens into
 //      free slots, eviction (tau, then the budget: largest F first, ties to the oldest, never
@@ -719,41 +723,5 @@ __global__ void __launch_bounds__(kFinishThreads)
   else
     combine_rows<T, D>(p, ws, b, blockIdx.x - 1);
 }
-
-// ---- launch ---------------------------------------------------------------------------------
-
-template <typename T, int D>
-cudaError_t launch(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  using L = Tile<T, D>;
-  const dim3 attend_grid(static_cast<unsigned>(ws.splits), static_cast<unsigned>(p.heads_kv),
-                         static_cast<unsigned>(p.batch));
-  cudaError_t err = launch_kernel(attend_kernel<T, D>, attend_grid, dim3(kAttendThreads),
-                                  L::kBytes, stream, p, ws);
-  if (err != cudaSuccess) return err;
-  const int64_t rows = p.heads_q * p.chunk;
-  const dim3 finish_grid(
-      static_cast<unsigned>(1 + (rows + kFinishRowsPerBlock - 1) / kFinishRowsPerBlock),
-      static_cast<unsigned>(p.batch));
-  return launch_kernel(finish_kernel<T, D>, finish_grid, dim3(kFinishThreads), 0, stream, p, ws);
-}
-
-template <typename T>
-cudaError_t launch_for_head_dim(const DecodeParams& p, const Workspace& ws, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return launch<T, 32>(p, ws, stream);
-    case 64: return launch<T, 64>(p, ws, stream);
-    case 96: return launch<T, 96>(p, ws, stream);
-    case 128: return launch<T, 128>(p, ws, stream);
-    case 256: return launch<T, 256>(p, ws, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-// One per element type, each in its own translation unit (decode_<dtype>.cu) so the four
-// instantiation sets compile in parallel.
-cudaError_t launch_fp32(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
-cudaError_t launch_fp64(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
-cudaError_t launch_bf16(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
-cudaError_t launch_fp16(const DecodeParams& p, const Workspace& ws, cudaStream_t stream);
 
 }  // namespace selattn::cuda::decode

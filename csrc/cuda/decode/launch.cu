@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include "cuda/decode/kernels.cuh"
+#include "cuda/decode/dispatch.cuh"
 
 namespace selattn::cuda {
 namespace {

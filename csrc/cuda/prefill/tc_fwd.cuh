@@ -22,7 +22,7 @@
 
 #include "cuda/arch.cuh"
 #include "cuda/prefill/prepass.cuh"
-#include "cuda/prefill/tc_common.cuh"
+#include "cuda/tc_mma.cuh"
 
 namespace selattn::cuda {
 
@@ -166,7 +166,6 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
       tc_load_rows_async<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0 + kBN, n);
     }
     cp_async_commit();  // possibly empty: the group count stays uniform
-    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -175,62 +174,14 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
         const int64_t j = col0 + nt * 8 + 2 * t + (c % 2);
         const bool valid = i < n && j <= i;
         s[nt][c] = valid ? scale * s[nt][c] - f[nt][c] : -INFINITY;
-        tile_max[c / 2] = fmaxf(tile_max[c / 2], s[nt][c]);
       }
     }
-    float alpha[2];
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      // The four lanes of a row group (t = 0..3) hold the row's 64 logits.
-      tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 1));
-      tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 2));
-      const float m_new = fmaxf(m[rh], tile_max[rh]);
-      // m == -inf: nothing accumulated yet (o, l are 0); also avoids exp(-inf - -inf).
-      alpha[rh] = m[rh] == -INFINITY ? 0.f : __expf(m[rh] - m_new);
-      m[rh] = m_new;
-    }
-    float row_sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int rh = c / 2;
-        // A -inf logit gives p = 0 explicitly; its row max m may itself be -inf (rows >= n).
-        s[nt][c] = s[nt][c] == -INFINITY ? 0.f : __expf(s[nt][c] - m[rh]);
-        row_sum[rh] += s[nt][c];
-      }
-    }
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 1);
-      row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 2);
-      l[rh] = l[rh] * alpha[rh] + row_sum[rh];
-    }
-#pragma unroll
-    for (int dt = 0; dt < kD / 8; ++dt) {
-      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
-    }
+    tc_online_softmax(s, m, l, o);
 
     cp_async_wait<1>();  // this thread's V copies have landed (the next K may be in flight)
     __syncthreads();     // ... everyone's
-    // 4. O += P V; 16 keys per k-step: n-tiles 2kk and 2kk+1 of P form one A fragment.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dn = 0; dn < kD / 16; ++dn) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, s_v + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
-                                  dn * 16 + 8 * (lane / 16));
-        mma_16816<T>(o[2 * dn], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * dn + 1], a, bv[2], bv[3]);
-      }
-    }
+    // 4. O += P V.
+    tc_gemm_pv<T, kD>(o, s, s_v, lane);
   }
   cp_async_wait<0>();  // the last (empty) group
 

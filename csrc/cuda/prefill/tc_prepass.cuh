@@ -29,7 +29,7 @@
 #include "cuda/arch.cuh"
 #include "cuda/prefill/common.cuh"
 #include "cuda/prefill/dispatch.h"
-#include "cuda/prefill/tc_common.cuh"
+#include "cuda/tc_mma.cuh"
 
 namespace selattn::cuda {
 

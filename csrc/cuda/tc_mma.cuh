@@ -1,6 +1,7 @@
-// Device helpers shared by the tensor-core prefill kernels (tc_fwd, tc_bwd, the tensor-core
-// selection pre-pass): 16-byte row staging into padded shared memory and X Y^T on mma.sync
-// m16n8k16 fragments (fragment layouts: arch.cuh). Torch-free.
+// Device helpers shared by the tensor-core kernels (prefill: tc_fwd, tc_bwd, the tensor-core
+// selection pre-pass; decode: the chunk kernel decode/tc_attend.cuh): 16-byte row staging into
+// padded shared memory (plain or cp.async), X Y^T on mma.sync m16n8k16 fragments, and the flash-attention online
+// softmax and O += P V on those fragments (fragment layouts: arch.cuh). Torch-free.
 #pragma once
 
 #include "cuda/arch.cuh"
@@ -81,6 +82,78 @@ __device__ __forceinline__ void tc_gemm_xyt(float (&acc)[8][4], const T* sx, con
                                             int warp, int lane) {
   tc_gemm_xyt_rows<T, kD, 1, kRollK>(reinterpret_cast<float(&)[1][8][4]>(acc),
                                      sx + warp * 16 * (kD + 8), sy, lane);
+}
+
+// One online-softmax step on a warp's 16 x 64 logit tile s (C fragments, -inf = masked; rows
+// g = lane / 4 in c = 0, 1 and g + 8 in c = 2, 3): updates the running max m and sum l of the
+// lane's two rows, rescales their output fragments o, and turns s into exp(s - m) (0 where
+// masked).
+template <int kDT>
+__device__ __forceinline__ void tc_online_softmax(float (&s)[8][4], float (&m)[2], float (&l)[2],
+                                                  float (&o)[kDT][4]) {
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) tile_max[c / 2] = fmaxf(tile_max[c / 2], s[nt][c]);
+  float alpha[2];
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    // The four lanes of a row group (t = 0..3) hold the row's 64 logits.
+    tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 1));
+    tile_max[rh] = fmaxf(tile_max[rh], __shfl_xor_sync(0xffffffffu, tile_max[rh], 2));
+    const float m_new = fmaxf(m[rh], tile_max[rh]);
+    // m == -inf: nothing accumulated yet (o, l are 0); also avoids exp(-inf - -inf).
+    alpha[rh] = m[rh] == -INFINITY ? 0.f : __expf(m[rh] - m_new);
+    m[rh] = m_new;
+  }
+  float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int rh = c / 2;
+      // A -inf logit gives p = 0 explicitly; its row max m may itself be -inf (empty rows).
+      s[nt][c] = s[nt][c] == -INFINITY ? 0.f : __expf(s[nt][c] - m[rh]);
+      row_sum[rh] += s[nt][c];
+    }
+  }
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 1);
+    row_sum[rh] += __shfl_xor_sync(0xffffffffu, row_sum[rh], 2);
+    l[rh] = l[rh] * alpha[rh] + row_sum[rh];
+  }
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+    o[dt][0] *= alpha[0], o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+  }
+}
+
+// o (16 rows of this warp x kD, C fragments) += P V for a 64-key tile: P (the probabilities
+// from tc_online_softmax) re-packed from C fragments as A operands, 16 keys per k-step; V in
+// padded shared memory (row stride kD + 8).
+template <typename T, int kD>
+__device__ __forceinline__ void tc_gemm_pv(float (&o)[kD / 8][4], const float (&s)[8][4],
+                                           const T* s_v, int lane) {
+  constexpr int kStride = kD + 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dn = 0; dn < kD / 16; ++dn) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, s_v + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                                dn * 16 + 8 * (lane / 16));
+      mma_16816<T>(o[2 * dn], a, bv[0], bv[1]);
+      mma_16816<T>(o[2 * dn + 1], a, bv[2], bv[3]);
+    }
+  }
 }
 
 }  // namespace selattn::cuda
