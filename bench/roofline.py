@@ -589,23 +589,37 @@ def prefill_bounds(s: Shape, gpu: Gpu = H100, tc: str = "spec") -> Dict[str, obj
 
 # ---- decode ----------------------------------------------------------------------------------
 
+def decode_splits(batch: int, heads_kv: int, ncols: int, sms: int = 132) -> int:
+    """Splits per (kv group, sequence) of one decode step: the plan of decode::Workspace
+    (csrc/cuda/decode/kernels.cuh), 4 attend CTAs per SM, at least 64 columns per split."""
+    want = -(-4 * sms // max(1, batch * heads_kv))
+    most = -(-ncols // 64)
+    s = max(1, min(want, most))
+    cols = -(-(-(-ncols // s)) // 32) * 32
+    return -(-ncols // cols)
+
+
 def decode_step_bytes(batch: int, heads_q: int, heads_kv: int, slots: int, head_dim: int,
                       elem_bytes: int = 2, chunk: int = 1) -> Dict[str, float]:
     """Bytes of one decode step with `slots` cached keys. `ideal`: K and V read once per kv
-    head plus F and pos, q, out, the new token's row written; `current`: what the kernels of
-    csrc/cuda/decode request today (one attend CTA per (q head, split) re-reads K and V per q
-    head, the select kernel reads the selection head's keys, offsets in fp32 workspace)."""
+    head plus F and pos, q, out, the new token's row written; `current`: what the two kernels
+    of csrc/cuda/decode request today: attend (one CTA per (split, kv group, sequence) reads
+    the group's K/V once; for chunks every group also reads the selection group's keys) writes
+    fp32 partial softmax states and the running F, which finish reads back before it commits
+    F, pos and the new rows."""
     b, d, es = batch, head_dim, elem_bytes
     kv = 2 * b * heads_kv * slots * d * es
     meta = b * slots * (4 + 8)  # F (fp32) and pos (int64)
     small = b * heads_q * chunk * d * es * 2 + 2 * b * heads_kv * chunk * d * es * 2
     ideal = kv + meta + small
     ncols = slots + chunk
-    current = (2 * b * heads_q * slots * d * es +  # attend: K, V per q head
-               b * slots * d * es + meta +  # select: selection keys, F, pos
-               b * chunk * ncols * 4 * (1 + heads_q) +  # offsets written, read per q head
-               b * ncols * 4 * 2 + small)  # fnew, commit
-    return dict(ideal_bytes=ideal, current_bytes=current, kv_bytes=kv)
+    splits = decode_splits(b, heads_kv, ncols)
+    sel_keys = (heads_kv - 1) * b * slots * d * es if chunk > 1 else 0
+    run_slices = heads_kv if chunk > 1 else 1
+    current = (kv + sel_keys + 2 * meta + small +  # attend reads; finish reads/writes F, pos
+               2 * b * heads_q * chunk * splits * (d + 2) * 4 +  # partial states out and in
+               2 * b * run_slices * ncols * 4)  # running F out and in
+    return dict(ideal_bytes=ideal, current_bytes=current, kv_bytes=kv, splits=splits)
 
 
 def decode_table(gpu_list: Sequence[Gpu]) -> List[Dict[str, object]]:
@@ -928,8 +942,9 @@ def markdown(report: Dict[str, object], commit: str, date: str) -> str:
     lines += ["## Decode: bytes per step and the bandwidth-bound time", "",
               "One new token (chunk 1), D=128, slots = budget + 1. `ideal`: K/V once per kv "
               "head + F, pos, q, out; `current`: what the kernels of csrc/cuda/decode request "
-              "(K/V per q head). `*_us` at spec HBM bandwidth, `*_copy_us` at the measured "
-              "copy bandwidth (read+write bytes / time: the DRAM rate a streaming kernel gets). A step is also 3 launches: below ~10 us launch latency "
+              "(K/V once per kv group, plus the split-KV partial states and the running F in the "
+              "workspace). `*_us` at spec HBM bandwidth, `*_copy_us` at the measured "
+              "copy bandwidth (read+write bytes / time: the DRAM rate a streaming kernel gets). A step is 2 launches: below ~10 us launch latency "
               "dominates.", ""]
     dcols = list(report["decode"][0].keys())
     lines += _table(report["decode"], dcols)
