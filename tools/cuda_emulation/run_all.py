@@ -4,7 +4,8 @@ under a sanitizer, plus the planted defects.
     python tools/cuda_emulation/run_all.py --json FILE [--sanitize address|thread] [--quick]
                                            [--defects] [--only SUBSTRING]
 
---only matches the case's repr (e.g. "varlen", "path='tc'", "torch.float16").
+--only matches the case's kind and repr (e.g. "varlen", "path='tc'", "torch.float16"); given
+several times, a case must match all of them (--only "prefill " --only "path='tc'").
 
 Writes one JSON record per case and output: kernel, dtype, head_dim, shape, max_err, tol,
 passed, and the number of sanitizer reports the case produced (ASan/UBSan errors or TSan
@@ -137,8 +138,9 @@ def main() -> int:
                     help="also check the planted defects (all, or the ones named)")
     ap.add_argument("--no-long", action="store_true",
                     help="skip the long-N cases (for the slower sanitizer builds)")
-    ap.add_argument("--only", help="run only cases whose kind (prefill/decode/varlen) or "
-                                   "description contains this")
+    ap.add_argument("--only", action="append",
+                    help="run only cases whose kind (prefill/decode/varlen) or description "
+                         "contains this (repeatable: all must match)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the records already in --json and run only the missing cases "
                          "(the file is rewritten after every case, so a long run can stop)")
@@ -158,7 +160,7 @@ def main() -> int:
     work = [("prefill", c) for c in prefill] + [("decode", c) for c in decode] + \
         [("varlen", c) for c in varlen]
     if args.only:
-        work = [(k, c) for k, c in work if args.only in f"{k} {c!r}"]  # "decode", "bfloat16", ...
+        work = [(k, c) for k, c in work if all(o in f"{k} {c!r}" for o in args.only)]
     if args.no_long:
         work = [(k, c) for k, c in work if getattr(c, "seqlen", 0) < 512]
     # The commit is taken now: the tree may move on while a long sanitizer run goes.
