@@ -246,9 +246,7 @@ def main() -> int:
             ran += 1
             write(partial=True)
         if args.defects is not None:
-            names = args.defects or [n for n in emulated.DEFECTS if args.sanitize == "thread"
-                                     or n not in emulated.THREAD_ONLY_DEFECTS]
-            for name in names:
+            for name in args.defects or list(emulated.DEFECTS):
                 t0 = time.time()
                 broken = emulated.load(sanitize=args.sanitize, defect=name)
                 decode_defect = emulated.DEFECTS[name][0].startswith("cuda/decode/")
