@@ -131,27 +131,28 @@ __device__ __forceinline__ void tc_online_softmax(float (&s)[8][4], float (&m)[2
   }
 }
 
-// o (16 rows of this warp x kD, C fragments) += P V for a 64-key tile: P (the probabilities
-// from tc_online_softmax) re-packed from C fragments as A operands, 16 keys per k-step; V in
-// padded shared memory (row stride kD + 8).
+// acc (16 rows of this warp x kD, C fragments) += X Y over 64 inner indices: X (this warp's
+// 16 rows x 64) given as 8 C fragments and re-packed as A operands, 16 per k-step; Y (64 x kD)
+// in padded shared memory (row stride kD + 8). O += P V in the forward kernels (P from
+// tc_online_softmax); dV += P^T dO and dK += dL^T Q in the backward (X^T held transposed).
 template <typename T, int kD>
-__device__ __forceinline__ void tc_gemm_pv(float (&o)[kD / 8][4], const float (&s)[8][4],
-                                           const T* s_v, int lane) {
+__device__ __forceinline__ void tc_accumulate_xt_y(float (&acc)[kD / 8][4], const float (&x)[8][4],
+                                                   const T* s_y, int lane) {
   constexpr int kStride = kD + 8;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     uint32_t a[4];
-    a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    a[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+    a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 #pragma unroll
     for (int dn = 0; dn < kD / 16; ++dn) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, s_v + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
-                                dn * 16 + 8 * (lane / 16));
-      mma_16816<T>(o[2 * dn], a, bv[0], bv[1]);
-      mma_16816<T>(o[2 * dn + 1], a, bv[2], bv[3]);
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, s_y + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
+                               dn * 16 + 8 * (lane / 16));
+      mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
     }
   }
 }

@@ -58,8 +58,8 @@ DEFECTS = {
     # One fragment index off by one: P's A fragment for P V takes column 1 instead of row 8.
     "fragment_index": (
         "cuda/tc_mma.cuh",
-        "    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);\n",
-        "    a[1] = pack2<T>(s[2 * kk][1], s[2 * kk][3]);\n",
+        "    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);\n",
+        "    a[1] = pack2<T>(x[2 * kk][1], x[2 * kk][3]);\n",
     ),
     # One tail guard dropped: staging reads rows past N.
     "tail_guard": (

@@ -263,6 +263,48 @@ __device__ __forceinline__ int64_t column_pos(const DecodeParams& p, int64_t b, 
   return j - p.slots < m ? first + (j - p.slots) : -1;
 }
 
+// The key columns [begin, end) of one split (ws.cols_per_split each, the last one shorter),
+// streamed in `tile`-column tiles: tile i starts at column start(i) and holds count(i) of them.
+struct SplitCols {
+  int64_t begin, end, ntiles;
+  int tile;
+  __device__ SplitCols(const Workspace& ws, int64_t split, int tile_cols)
+      : begin(split * ws.cols_per_split),
+        end(begin + ws.cols_per_split < ws.ncols ? begin + ws.cols_per_split : ws.ncols),
+        ntiles((end - begin + tile_cols - 1) / tile_cols),
+        tile(tile_cols) {}
+  __device__ int64_t start(int64_t i) const { return begin + i * tile; }
+  __device__ int count(int64_t i) const {
+    return static_cast<int>(end - start(i) < tile ? end - start(i) : tile);
+  }
+};
+
+// One pass of an attend CTA over its group's rows [r0, r0 + nrows) (r = t * G + g, t-major):
+// its first token t_lo, the ntok tokens it touches and the nadvance tokens it finishes (whose
+// S the running F takes in before the next pass).
+struct RowPass {
+  int nrows;
+  int64_t t_lo;
+  int ntok, nadvance;
+};
+__device__ __forceinline__ RowPass row_pass(int64_t r0, int64_t rows_total, int64_t G,
+                                            int rows_per_pass) {
+  RowPass rp;
+  rp.nrows = static_cast<int>(rows_total - r0 < rows_per_pass ? rows_total - r0 : rows_per_pass);
+  rp.t_lo = r0 / G;
+  rp.ntok = static_cast<int>((r0 + rp.nrows - 1) / G + 1 - rp.t_lo);
+  rp.nadvance = static_cast<int>((r0 + rp.nrows) / G - rp.t_lo);
+  return rp;
+}
+
+// Offset of key column j (position pj, -1: empty) before token t_lo of a pass: on the first
+// pass the cached F of a slot (0 for a new token), later the running sum left in run_g.
+template <typename A>
+__device__ __forceinline__ A offset_before_pass(const DecodeParams& p, int64_t j, int64_t pj,
+                                                int64_t t_lo, const A* run_g, const A* f_cached) {
+  return pj < 0 ? A(0) : (t_lo > 0 ? run_g[j] : (j < p.slots ? f_cached[j] : A(0)));
+}
+
 // ---- 1. split-KV attention of one kv group: partial softmax states -------------------------
 
 template <typename T, int D>
@@ -291,9 +333,7 @@ __global__ void __launch_bounds__(kAttendThreads)
   // S is needed for the new F (selection group) and for the offsets of later chunk tokens.
   const bool need_s = is_sel || c > 1;
   A* run_g = ws.run<A>(p.workspace, b, (hk - sel_kv + p.heads_kv) % p.heads_kv);
-  const int64_t begin = split * ws.cols_per_split;
-  const int64_t end = begin + ws.cols_per_split < ws.ncols ? begin + ws.cols_per_split : ws.ncols;
-  const int64_t ntiles = (end - begin + kCols - 1) / kCols;
+  const SplitCols cols(ws, split, kCols);
   const A scale = static_cast<A>(p.scale);
   const A* f_cached = static_cast<const A*>(p.f) + b * p.slots;
 
@@ -301,12 +341,12 @@ __global__ void __launch_bounds__(kAttendThreads)
   // the range or with nothing in them are zero-filled, so P V never meets stale bytes.
   auto issue = [&](int64_t i) {
     unsigned char* stage = smem + (i % kStages) * L::kStageBytes;
-    const int64_t c0 = begin + i * kCols;
+    const int64_t c0 = cols.start(i);
     for (int v = tid; v < 2 * kCols * L::kVecs; v += kAttendThreads) {
       const int which = v / (kCols * L::kVecs), rem = v % (kCols * L::kVecs);
       const int jj = rem / L::kVecs, vec = rem % L::kVecs;
       const int64_t j = c0 + jj;
-      const bool valid = j < end && column_pos(p, b, j, m, first) >= 0;
+      const bool valid = j < cols.end && column_pos(p, b, j, m, first) >= 0;
       const T* row = valid ? (which == 0 ? key_row<T>(p, b, hk, j) : value_row<T>(p, b, hk, j))
                            : static_cast<const T*>(p.k_cache);
       cp_async_16(stage + (which * kCols + jj) * L::kRowBytes + vec * 16,
@@ -316,10 +356,7 @@ __global__ void __launch_bounds__(kAttendThreads)
 
   const int64_t rows_total = m * G;  // group rows r = t * G + g, t-major
   for (int64_t r0 = 0; r0 < rows_total; r0 += kRows) {
-    const int nrows = static_cast<int>(rows_total - r0 < kRows ? rows_total - r0 : kRows);
-    const int64_t t_lo = r0 / G;
-    const int ntok = static_cast<int>((r0 + nrows - 1) / G + 1 - t_lo);
-    const int nadvance = static_cast<int>((r0 + nrows) / G - t_lo);  // tokens finished here
+    const auto [nrows, t_lo, ntok, nadvance] = row_pass(r0, rows_total, G, kRows);
     __syncthreads();  // the previous pass is done with q_s, m_s, l_s
     for (int x = tid; x < kRows * D; x += kAttendThreads) {
       const int r = x / D, d = x % D;
@@ -344,19 +381,18 @@ __global__ void __launch_bounds__(kAttendThreads)
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[k][e] = A(0);
 
-    if (ntiles > 0) issue(0);
+    if (cols.ntiles > 0) issue(0);
     cp_async_commit();
-    for (int64_t i = 0; i < ntiles; ++i) {
-      if (i + 1 < ntiles) issue(i + 1);
+    for (int64_t i = 0; i < cols.ntiles; ++i) {
+      if (i + 1 < cols.ntiles) issue(i + 1);
       cp_async_commit();  // possibly empty: keeps the group count uniform
-      const int64_t c0 = begin + i * kCols;
-      const int ncols = static_cast<int>(end - c0 < kCols ? end - c0 : kCols);
+      const int64_t c0 = cols.start(i);
+      const int ncols = cols.count(i);
       if (tid < kCols) {
         const int64_t j = c0 + tid;
         const int64_t pj = tid < ncols ? column_pos(p, b, j, m, first) : -1;
         pos_s[tid] = pj;
-        // Running offset before token t_lo: cached F (0 for a new token) plus earlier passes.
-        run_s[tid] = pj < 0 ? A(0) : (t_lo > 0 ? run_g[j] : (j < p.slots ? f_cached[j] : A(0)));
+        run_s[tid] = offset_before_pass<A>(p, j, pj, t_lo, run_g, f_cached);
       }
       cp_async_wait<1>();  // this thread's copies of tile i have landed
       __syncthreads();     // ... and everyone's

@@ -35,7 +35,8 @@ inline constexpr bool kTcAttend =
 
 // Shared-memory layout of attend_tc_kernel<T, D>: kStages x (K, V, K_sel) tiles, then Q and
 // Q_sel, the offsets off[kRows + 1][kCols] (fp32) and the column positions. Rows padded by 16
-// bytes (stride D + 8 elements, what tc_gemm_xyt/tc_gemm_pv expect): ldmatrix conflict-free.
+// bytes (stride D + 8 elements, what tc_gemm_xyt/tc_accumulate_xt_y expect): ldmatrix is
+// conflict-free.
 template <typename T, int D>
 struct TcTile {
   static constexpr int kRows = 64;  // group rows per pass: 4 warps x 16
@@ -72,9 +73,7 @@ __global__ void __launch_bounds__(kAttendThreads)
   const int64_t sel_kv = p.sel_head / G;
   const bool is_sel = hk == sel_kv;  // uniform per CTA
   float* run_g = ws.run<float>(p.workspace, b, (hk - sel_kv + p.heads_kv) % p.heads_kv);
-  const int64_t begin = split * ws.cols_per_split;
-  const int64_t end = begin + ws.cols_per_split < ws.ncols ? begin + ws.cols_per_split : ws.ncols;
-  const int64_t ntiles = (end - begin + kCols - 1) / kCols;
+  const SplitCols cols(ws, split, kCols);
   const float scale = static_cast<float>(p.scale);
   const float* f_cached = static_cast<const float*>(p.f) + b * p.slots;
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
@@ -83,13 +82,13 @@ __global__ void __launch_bounds__(kAttendThreads)
   // stage i % kStages; columns past the range or with nothing in them are zero-filled.
   auto issue = [&](int64_t i) {
     unsigned char* stage = smem + (i % kStages) * L::kStageBytes;
-    const int64_t c0 = begin + i * kCols;
+    const int64_t c0 = cols.start(i);
     const int planes = is_sel ? 2 : 3;
     for (int x = tid; x < planes * kCols * kVecs; x += kAttendThreads) {
       const int which = x / (kCols * kVecs), rem = x % (kCols * kVecs);
       const int jj = rem / kVecs, vec = rem % kVecs;
       const int64_t j = c0 + jj;
-      const bool valid = j < end && column_pos(p, b, j, m, first) >= 0;
+      const bool valid = j < cols.end && column_pos(p, b, j, m, first) >= 0;
       const T* row = !valid       ? static_cast<const T*>(p.k_cache)
                      : which == 0 ? key_row<T>(p, b, hk, j)
                      : which == 1 ? value_row<T>(p, b, hk, j)
@@ -101,10 +100,7 @@ __global__ void __launch_bounds__(kAttendThreads)
 
   const int64_t rows_total = m * G;  // group rows r = t * G + g, t-major
   for (int64_t r0 = 0; r0 < rows_total; r0 += kRows) {
-    const int nrows = static_cast<int>(rows_total - r0 < kRows ? rows_total - r0 : kRows);
-    const int64_t t_lo = r0 / G;
-    const int ntok = static_cast<int>((r0 + nrows - 1) / G + 1 - t_lo);
-    const int nadvance = static_cast<int>((r0 + nrows) / G - t_lo);  // tokens finished here
+    const auto [nrows, t_lo, ntok, nadvance] = row_pass(r0, rows_total, G, kRows);
     __syncthreads();  // the previous pass is done with q_s and qsel_s
     for (int x = tid; x < kRows * kVecs; x += kAttendThreads) {
       const int r = x / kVecs, vec = x % kVecs;
@@ -136,19 +132,18 @@ __global__ void __launch_bounds__(kAttendThreads)
       r_tok[rh] = r_live[rh] ? static_cast<int>((r0 + r) / G - t_lo) : 0;
     }
 
-    if (ntiles > 0) issue(0);
+    if (cols.ntiles > 0) issue(0);
     cp_async_commit();
-    for (int64_t i = 0; i < ntiles; ++i) {
-      if (i + 1 < ntiles) issue(i + 1);
+    for (int64_t i = 0; i < cols.ntiles; ++i) {
+      if (i + 1 < cols.ntiles) issue(i + 1);
       cp_async_commit();  // possibly empty: keeps the group count uniform
-      const int64_t c0 = begin + i * kCols;
-      const int ncols = static_cast<int>(end - c0 < kCols ? end - c0 : kCols);
+      const int64_t c0 = cols.start(i);
+      const int ncols = cols.count(i);
       if (tid < kCols) {
         const int64_t j = c0 + tid;
         const int64_t pj = tid < ncols ? column_pos(p, b, j, m, first) : -1;
         pos_s[tid] = pj;
-        // Running offset before token t_lo: cached F (0 for a new token) plus earlier passes.
-        off_s[tid] = pj < 0 ? 0.f : (t_lo > 0 ? run_g[j] : (j < p.slots ? f_cached[j] : 0.f));
+        off_s[tid] = offset_before_pass<float>(p, j, pj, t_lo, run_g, f_cached);
       }
       cp_async_wait<1>();  // this thread's copies of tile i have landed
       __syncthreads();     // ... and everyone's
@@ -196,7 +191,7 @@ __global__ void __launch_bounds__(kAttendThreads)
           s[nt][e] = visible ? scale * s[nt][e] - off_s[r_tok[rh] * kCols + jj] : -INFINITY;
         }
       tc_online_softmax(s, m_r, l_r, o);
-      tc_gemm_pv<T, D>(o, s, v_tile, lane);
+      tc_accumulate_xt_y<T, D>(o, s, v_tile, lane);
       __syncthreads();  // this stage, off_s and pos_s are free for the next tile
     }
     cp_async_wait<0>();  // the trailing (empty) group

@@ -51,30 +51,6 @@ struct TcBwdConfig {
       size_t(kDkInSmem ? 2 : 1) * kBlockN * kAccStride * sizeof(float);
 };
 
-// acc (16 keys of this warp x kD) += X^T Y, X^T given as this warp's 8 C fragments
-// (16 keys x 64 rows), Y (64 rows x kD) in padded shared memory.
-template <typename T, int kD>
-__device__ __forceinline__ void tc_accumulate_xt_y(float (&acc)[kD / 8][4], const float (&x)[8][4],
-                                                   const T* s_y, int lane) {
-  constexpr int kStride = kD + 8;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    uint32_t a[4];
-    a[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
-    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
-    a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-    a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-#pragma unroll
-    for (int dn = 0; dn < kD / 16; ++dn) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, s_y + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kStride +
-                               dn * 16 + 8 * (lane / 16));
-      mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 // s_acc (64 keys x kD floats, [key][kD + 8]) += X^T Y for this warp's 16 keys; X^T given as
 // 8 C fragments (16 keys x 64 rows), Y (64 rows x kD) padded. Each (key, d) element belongs
 // to exactly one thread, so the read-modify-write needs no barrier.

@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
     cp_async_wait<1>();  // this thread's V copies have landed (the next K may be in flight)
     __syncthreads();     // ... everyone's
     // 4. O += P V.
-    tc_gemm_pv<T, kD>(o, s, s_v, lane);
+    tc_accumulate_xt_y<T, kD>(o, s, s_v, lane);
   }
   cp_async_wait<0>();  // the last (empty) group
 
