@@ -162,9 +162,10 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
   if (col0 >= n) return;  // past this sequence (varlen): uniform, before any barrier
   const int64_t nqb = ceil_div(n, kBM);  // this sequence's query blocks
   const int64_t qb_end = sc_qb_end < nqb ? sc_qb_end : nqb;
+  const int64_t qb_stop = kb > qb_begin ? kb : qb_begin;  // the walk: qb_end - 1 down to this
   // Varlen: a sequence that ends before this superchunk has no query block in it; this CTA
   // would add nothing (and its shared accumulators are only set up inside the walk). Uniform.
-  if (qb_end <= (kb > qb_begin ? kb : qb_begin)) return;
+  if (qb_end <= qb_stop) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
@@ -180,7 +181,6 @@ __global__ void __launch_bounds__(TcBwdConfig<T, kD>::kThreads, 1)
 
   // The key-side tiles and the first (last-row) query block: one cp.async group. Each later
   // query block is issued during the previous one's dQ atomics (see the loop's end).
-  const int64_t qb_stop = kb > qb_begin ? kb : qb_begin;
   tc_load_rows_async<T, kD, kBN, kThr>(s_k, k, p.k_row_stride, col0, n);
   tc_load_rows_async<T, kD, kBN, kThr>(s_ksel, k_sel, p.k_sel_row_stride, col0, n);
   tc_load_rows_async<T, kD, kBN, kThr>(s_v, v, p.v_row_stride, col0, n);
