@@ -7,7 +7,7 @@ Covers the prefill forward and backward (every dtype; head dims 1..256 across th
 sizes; N not a multiple of the 32/64-row tiles; GQA; a transposed (B, N, H, D) layout; dlse
 given and null; for bf16/fp16 at head dims 32/64/96/128 both the tensor-core and the SIMT
 forward, and the SIMT (opt-out) and the default tensor-core backward; several workspace
-superchunks (SELATTN_CUDA_SUPERCHUNK_BLOCKS=2); the memory-loss output mem (mem_tau)
+superchunks (SELATTN_CUDA_SUPERCHUNK_BLOCKS=4); the memory-loss output mem (mem_tau)
 and its gradient dmem on some of these) and, when the op library has a CUDA decode kernel, token-by-token decoding and
 chunked prefill through the pruned cache. As a cheap smoke check it also compares every result
 with selattn_ext.reference (fp64) and fails on NaN/inf or a large error; the real accuracy
@@ -213,9 +213,9 @@ def main() -> int:
         except Exception as e:  # record and continue: later kernels still get sanitized
             failures.append(f"prefill {c}: {type(e).__name__}: {e}")
             print(f"FAIL prefill {c}: {type(e).__name__}: {e}")
-    # The bounded workspace with several superchunks (64 query rows each here): the carry, the
+    # The bounded workspace with several superchunks (128 query rows each here): the carry, the
     # backward's walk down the superchunks and the dF suffix sums handed between launches.
-    os.environ["SELATTN_CUDA_SUPERCHUNK_BLOCKS"] = "2"
+    os.environ["SELATTN_CUDA_SUPERCHUNK_BLOCKS"] = "4"
     try:
         for c in ((torch.bfloat16, 2, 4, 2, 150, 64, False, True, 1, 1.0),
                   (torch.float32, 1, 2, 1, 97, 40, False, True, 0, 1.0)):

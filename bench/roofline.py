@@ -357,43 +357,44 @@ def simt_fwd_cost(s: Shape) -> KernelCost:
 
 
 def tc_fwd_cost(s: Shape) -> KernelCost:
-    """tc_fwd_kernel (tc_fwd.cuh): grid (N/64, Hq, B), 128 threads (4 warps x 16 rows), key
+    """tc_fwd_kernel (tc_fwd.cuh): grid (N/128, Hq, B), 256 threads (8 warps x 16 rows), key
     tiles of 64; cp.async loads one step ahead (V of tile j under its selection GEMM and QK^T,
     K and K_sel of tile j + 1 under its softmax and PV), 4 barriers per tile; selection GEMM,
     F scan (shuffles), QK^T, online softmax, PV on mma.sync; O out in 16-byte row vectors."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
-    w = 4
-    nqb = math.ceil(n / 64)
-    gemm = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d)
+    rows, w = 128, 8
+    nqb = math.ceil(n / rows)
+    gemm = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * rows * 64 * d)
     tile = _zero()
-    vec_per_warp = 3 * 64 * d // 8 // 128  # uint4 loads per thread for K, K_sel, V
+    vec = 3 * 64 * d // 8 // (32 * w)  # uint4 loads per thread for K, K_sel, V
     # cp.async: one instruction per 16 bytes; its shared-memory write counted as an sts128.
-    _add(tile, dict(barriers=3, ldg=vec_per_warp * w, sts128=vec_per_warp * w,
-                    global_load_bytes=3 * 64 * d * es))
+    _add(tile, dict(barriers=3, ldg=vec * w, sts128=vec * w, global_load_bytes=3 * 64 * d * es))
     _add(tile, gemm)  # A = Q_sel K_sel^T
     # F: 16 (nt, c) pairs x (3 x 2 scan + 2 totals + 2 exclusive) shuffles; warp totals to
     # shared memory (16 predicated stores), a barrier, then Poff (16 loads) and the totals of
-    # the warps above (0..3 loads each, 1.5 on average).
-    _add(tile, dict(shfl=160 * w, sts=16 * w, barriers=1, ldg=16 * w, lds=24 * w,
-                    global_load_bytes=w * 64 * 4, ffma=(16 + 16) * w))
+    # the warps above (0..7 loads each, 3.5 on average).
+    _add(tile, dict(shfl=160 * w, sts=16 * w, barriers=1, ldg=16 * w, lds=16 * 3.5 * w,
+                    global_load_bytes=w * 64 * 4, ffma=(16 + 16 * 3.5) * w))
     _add(tile, gemm)  # Q K^T
     # Softmax on 32 fragment elements per thread: 32 + 2 exp, 8 shuffles, ~32 FMA + o rescale.
     _add(tile, dict(mufu=34 * w, shfl=8 * w, ffma=(32 + 32 + d // 2) * w))
     # PV: 4 k-steps x D/16 (1 ldmatrix.trans + 2 mma), 16 bf16x2 packs.
-    _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d))
-    # Q and Q_sel once (16 D uint4 over 128 threads); O through shared memory (D/4 4-byte
-    # stores per thread, then 16-byte row vectors: D/8 lds128 as 4 lds each), lse.
-    fixed = dict(ldg=d // 8 * w, sts128=d // 8 * w, global_load_bytes=2 * 64 * d * es,
-                 sts=d // 4 * w, lds=d // 2 * w, global_store_bytes=64 * d * es + 64 * 4)
+    _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * rows * 64 * d))
+    # Q and Q_sel once (D/8 uint4 per thread); O through shared memory (D/4 4-byte stores per
+    # thread, then 16-byte row vectors: D/8 lds128 as 4 lds each), lse.
+    fixed = dict(ldg=d // 8 * w, sts128=d // 8 * w, global_load_bytes=2 * rows * d * es,
+                 sts=d // 4 * w, lds=d // 2 * w, global_store_bytes=rows * d * es + rows * 4)
     h, hk = s.heads_q, s.heads_kv
-    smem = (2 * 64 + 3 * 64) * (d + 8) * es + w * 64 * 4
-    # q, k, v, q_sel, k_sel, out; lse; Poff: even 32-row blocks only, causal half of each.
+    smem = (2 * rows + 3 * 64) * (d + 8) * es + w * 64 * 4
+    # q, k, v, q_sel, k_sel, out; lse; Poff: every fourth 32-row block, causal part of each.
     dram = (s.batch * n * d * es * (2 * h + 2 * hk + 2) + s.batch * h * n * 4 +
-            s.batch * math.ceil(n / 32) * n * 4 / 4)
-    cost = _grid_cost("tc_fwd", 128, smem, fixed, tile, list(range(1, nqb + 1)), s.batch * h,
+            s.batch * math.ceil(n / 32) * n * 4 / 8)
+    key_tiles = math.ceil(n / 64)
+    tiles = [min(2 * i, key_tiles) for i in range(1, nqb + 1)]
+    cost = _grid_cost("tc_fwd", 32 * w, smem, fixed, tile, tiles, s.batch * h,
                       dram, 1, 0,
-                      notes="64-row tiles, cp.async one step ahead (no second buffer), "
-                            "selection GEMM per head (1.5x FA2's tensor FLOPs), 160 "
+                      notes="128-row tiles (8 warps), cp.async one step ahead (no second "
+                            "buffer), selection GEMM per head (1.5x FA2's tensor FLOPs), 160 "
                             "shuffles/thread/tile for F, 16-byte output stores")
     cost.registers = _regs("tc_fwd", d)
     return cost
@@ -445,12 +446,25 @@ def _bwd_dram(s: Shape) -> float:
     return inputs + accum + b * n * d * es * rows
 
 
+def tc_bwd_heads_per_cta(s: Shape, sms: int = 132) -> int:
+    """tc_bwd_heads_per_cta in tc_bwd.cuh: the largest divisor of the GQA group that leaves at
+    least two CTAs per SM."""
+    group = s.heads_q // s.heads_kv
+    key_blocks = math.ceil(s.seqlen / 64)
+    for h in range(group, 1, -1):
+        if group % h == 0 and key_blocks * (s.heads_q // h) * s.batch >= 2 * sms:
+            return h
+    return 1
+
+
 def tc_bwd_cost(s: Shape) -> KernelCost:
-    """tc_bwd_kernel (tc_bwd.cuh): grid (N/64 key blocks, Hq, B), 128 threads; per 64x64 tile 8
-    mma GEMMs (A^T, S^T, dP^T, dV, dK, dKsel, dQ, dQsel), F and dA scans by shuffles, dQ and
-    dQsel by fp32 atomics per element; for D > 64 dK and dKsel accumulate in shared memory."""
+    """tc_bwd_kernel (tc_bwd.cuh): grid (N/64 key blocks, Hq / heads per CTA, B), 128 threads;
+    per 64x64 tile and head 5 mma GEMMs (S^T, dP^T, dV, dK, dQ), per tile once for the CTA's
+    heads (one kv group) 3 more (A^T, dKsel, dQsel) with the F and dA scans; dQ and dQsel by
+    fp32 atomics per element; for D > 64 dK and dKsel accumulate in shared memory."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
     w = 4
+    hpc = tc_bwd_heads_per_cta(s)
     nqb = math.ceil(n / 64)
     xyt = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d)
     acc_reg = dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d)
@@ -458,35 +472,45 @@ def tc_bwd_cost(s: Shape) -> KernelCost:
                     lds=2 * 2 * d // 16 * w * 2, sts=2 * 2 * d // 16 * w * 2)  # float2 RMW
     rows_atomic = dict(ldsm=8 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * 64 * 64 * d,
                        red=64 * d, global_store_bytes=64 * d * 4)
+    vec = 64 * d // 8 // 128  # uint4 per thread per 64-row tile
+    head = _zero()  # per (query block, head)
+    # Q, dO by cp.async (issued during the previous head's dQ phase), lse, Dl.
+    _add(head, dict(barriers=1, ldg=2 * vec * w + 2 * w, sts128=2 * vec * w, sts=2 * w,
+                    global_load_bytes=2 * 64 * d * es + 2 * 64 * 4))
+    _add(head, xyt)  # S^T = K Q^T
+    _add(head, dict(mufu=32 * w, lds=32 * w, ffma=32 * w))  # P^T
+    _add(head, acc_reg)  # dV += P^T dO
+    _add(head, xyt)  # dP^T = V dO^T
+    _add(head, dict(lds=32 * w, ffma=32 * w))  # dL^T
+    _add(head, acc_smem if d > 64 else acc_reg)  # dK
+    _add(head, dict(sts=16 * w, barriers=1))  # dL^T to shared memory
+    _add(head, rows_atomic)  # dQ
+    block = _zero()  # per query block, once for the CTA's heads
+    _add(block, dict(ldg=vec * w, sts128=vec * w, global_load_bytes=64 * d * es))  # Q_sel
+    _add(block, xyt)  # A^T = K_sel Q_sel^T
+    _add(block, dict(ldg=2 * w, shfl=80 * w, global_load_bytes=w * 32 * 4, ffma=48 * w))  # F^T
+    _add(block, dict(shfl=80 * w, ffma=32 * w))  # dA^T suffix sums
+    _add(block, acc_smem)  # dK_sel
+    _add(block, dict(sts=16 * w))  # dA^T to shared memory
+    _add(block, rows_atomic)  # dQ_sel
+    if hpc > 1:  # F^T kept for the later heads, dL^T summed over the heads (thread-owned)
+        _add(block, dict(sts=32 * w + 32 * (hpc - 1) * w, lds=32 * (hpc - 1) * w +
+                         32 * (hpc - 2) * w + 32 * w))
     tile = _zero()
-    vec = 3 * 64 * d // 8 // 128
-    # Q, Q_sel, dO by cp.async (issued during the previous block's dQ phase), lse, Dl.
-    _add(tile, dict(barriers=1, ldg=vec * w + 3 * w, sts128=vec * w, sts=2 * w,
-                    global_load_bytes=3 * 64 * d * es + 2 * 64 * 4))
-    _add(tile, xyt)  # A^T = K_sel Q_sel^T
-    _add(tile, dict(ldg=2 * w, shfl=80 * w, global_load_bytes=w * 32 * 4, ffma=48 * w))  # F^T
-    _add(tile, xyt)  # S^T = K Q^T
-    _add(tile, dict(mufu=32 * w, lds=32 * w, ffma=32 * w))  # P^T
-    _add(tile, acc_reg)  # dV += P^T dO
-    _add(tile, xyt)  # dP^T = V dO^T
-    _add(tile, dict(lds=32 * w, ffma=32 * w))  # dL^T
-    _add(tile, acc_smem if d > 64 else acc_reg)  # dK
-    _add(tile, dict(shfl=80 * w, ffma=32 * w))  # dA^T suffix sums
-    _add(tile, acc_smem)  # dK_sel
-    _add(tile, dict(sts=32 * w, barriers=1))  # dL^T, dA^T to shared memory
-    _add(tile, rows_atomic)  # dQ
-    _add(tile, rows_atomic)  # dQ_sel
+    _add(tile, block)
+    _add(tile, head, hpc)
     k_dk = 2 if d > 64 else 1
-    fixed = dict(ldg=vec * w, sts128=vec * w, global_load_bytes=3 * 64 * d * es,
+    fixed = dict(ldg=3 * vec * w, sts128=3 * vec * w, global_load_bytes=3 * 64 * d * es,
                  sts=k_dk * 64 * (d + 8) // 128 * w,
                  red=3 * 64 * d, global_store_bytes=3 * 64 * d * 4)
     smem = ((3 * 64 + 3 * 64) * (d + 8) * es + 2 * 64 * 72 * es + 3 * 64 * 4 +
-            k_dk * 64 * (d + 8) * 4)
+            k_dk * 64 * (d + 8) * 4 + 2 * 32 * 128 * 4)
     cost = _grid_cost("tc_bwd", 128, smem, fixed, tile, list(range(nqb, 0, -1)),
-                      s.batch * s.heads_q, _bwd_dram(s), 1, 1,
-                      notes="8 GEMMs per tile (FA2: 5), query-side cp.async loads overlap "
-                            "only the dQ/dQsel phase, 1 CTA of 4 warps per "
-                            "SM when shared memory exceeds 114 KB, dQ_sel atomics from every head")
+                      s.batch * s.heads_q // hpc, _bwd_dram(s), 1, 1,
+                      notes=f"{hpc} q heads per CTA (A^T, F^T, dA^T, dKsel, dQsel once per "
+                            "CTA; K, V loaded once); 5 GEMMs per head (FA2: 5) + 3 per CTA, "
+                            "query-side cp.async loads overlap only the dQ phase, 1 CTA of 4 "
+                            "warps per SM when shared memory exceeds 114 KB")
     cost.registers = _regs("tc_bwd", d)
     return cost
 

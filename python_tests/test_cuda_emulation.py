@@ -262,6 +262,7 @@ def test_misaligned_rows_fall_back_to_simt(emu):
     ("varlen_offset", cases.ci_varlen_cases()[0]),
     ("varlen_dout_offset", cases.ci_varlen_cases()[1]),
     ("tc_prepass_fragment_row", cases.PrefillCase(torch.bfloat16, 32, seqlen=70, path="tc")),
+    ("tc_bwd_dsum_overwrite", cases.tc_bwd_head_group_cases()[0]),
 ])
 def test_planted_defects_are_caught(defect, case):
     # Each defect is planted in a scratch copy of csrc/ (emulated.DEFECTS) and built apart.

@@ -50,12 +50,12 @@ def test_workspace_size_bounded(emu, monkeypatch, n, b, hq, hkv, d, dtype):
     cap = max(q_bytes, 64 * MIB)
     nqb = math.ceil(n / 32)
     blocks = emu.prefill_superchunk_blocks(b, hq, hkv, n, d, dtype)
-    # The rule of dispatch.h: as many 32-row blocks as fit under the cap, even, at least 2,
-    # at most all of them.
-    assert blocks == min(nqb, max(2, (cap // (b * n * acc)) & ~1))
-    assert blocks % 2 == 0 or blocks == nqb
+    # The rule of dispatch.h: as many 32-row blocks as fit under the cap, a multiple of 4 (a
+    # 128-row forward tile never straddles two superchunks), at least 4, at most all of them.
+    assert blocks == min(nqb, max(4, (cap // (b * n * acc)) & ~3))
+    assert blocks % 4 == 0 or blocks == nqb
     poff = _a256(b * blocks * n * acc)
-    assert poff <= _a256(max(cap, 2 * b * n * acc))
+    assert poff <= _a256(max(cap, 4 * b * n * acc))
     carry = _a256(b * n * 8)  # fp64 whatever the dtype
     fwd = emu.prefill_workspace_bytes(False, b, hq, hkv, n, d, dtype)
     assert fwd == poff + carry
@@ -81,8 +81,8 @@ def test_one_superchunk_up_to_64k_for_llama_like_heads(emu, monkeypatch):
         assert math.ceil(math.ceil(n / 32) / blocks) == count
 
 
-def test_env_forces_even_blocks(emu, monkeypatch):
-    for env, want in (("1", 2), ("2", 2), ("3", 2), ("5", 4), ("1000", 5)):
+def test_env_forces_blocks_in_fours(emu, monkeypatch):
+    for env, want in (("1", 4), ("2", 4), ("4", 4), ("7", 4), ("8", 5), ("1000", 5)):
         monkeypatch.setenv("SELATTN_CUDA_SUPERCHUNK_BLOCKS", env)
         assert emu.prefill_superchunk_blocks(1, 2, 1, 150, 64, torch.bfloat16) == want
 
@@ -106,13 +106,13 @@ def test_superchunks_agree_with_one_superchunk(emu, path, dtype, d):
     (q, k, v, qs, ks, dout), _, _ = cases._inputs(c)
     scale = d ** -0.5
     runs = {}
-    for blocks in (None, 2):
+    for blocks in (None, 4):
         with cases.superchunk_env(blocks):
             out, lse = emu.prefill_fwd(q, k, v, qs, ks, scale, path=path)
             grads = emu.prefill_bwd(dout, q, k, v, qs, ks, out, lse, None, scale, path=path)
         runs[blocks] = (out, lse, grads)
-    assert torch.equal(runs[None][0], runs[2][0]) and torch.equal(runs[None][1], runs[2][1])
-    for name, g1, g2 in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), runs[None][2], runs[2][2]):
+    assert torch.equal(runs[None][0], runs[4][0]) and torch.equal(runs[None][1], runs[4][1])
+    for name, g1, g2 in zip(("dq", "dk", "dv", "dq_sel", "dk_sel"), runs[None][2], runs[4][2]):
         mag = g1.double().abs().max().item()
         err = (g1.double() - g2.double()).abs().max().item()
         # bf16 outputs: a last-bit flip of the rounded gradient is 2^-8 relative.

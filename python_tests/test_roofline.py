@@ -19,18 +19,25 @@ def _tiles(nblocks):
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])
-@pytest.mark.parametrize("n", [64, 100, 256])
+@pytest.mark.parametrize("n", [64, 100, 256, 300])
 def test_tc_fwd_flops_closed_form(n, d):
     s = rl.Shape(2, 3, 3, n, d)
     k = rl.tc_fwd_cost(s)
-    nqb = math.ceil(n / 64)
-    # Three 64 x 64 x D GEMMs (selection, QK^T, PV) per causal tile pair, per (batch, head).
-    assert k.total["tc_flops"] == 3 * 2 * 64 * 64 * d * _tiles(nqb) * 2 * 3
+    nqb, nkt = math.ceil(n / 128), math.ceil(n / 64)
+    # 128-row query blocks over 64-key tiles: block i (from 1) walks min(2i, key tiles) tiles,
+    # three 128 x 64 x D GEMMs (selection, QK^T, PV) each, per (batch, head).
+    tiles = sum(min(2 * i, nkt) for i in range(1, nqb + 1))
+    assert k.total["tc_flops"] == 3 * 2 * 128 * 64 * d * tiles * 2 * 3
     assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
-    assert k.ctas == nqb * 2 * 3
-    assert k.per_cta_max["tc_flops"] == 3 * 2 * 64 * 64 * d * nqb  # the last query block
+    assert k.ctas == nqb * 2 * 3 and k.threads == 256
+    assert k.per_cta_max["tc_flops"] == 3 * 2 * 128 * 64 * d * nkt  # the last query block
     # Shared memory as the kernel's TcFwdConfig::kSmemBytes computes it.
-    assert k.smem_bytes == (2 * 64 + 3 * 64) * (d + 8) * 2 + 4 * 64 * 4
+    assert k.smem_bytes == (2 * 128 + 3 * 64) * (d + 8) * 2 + 8 * 64 * 4
+
+
+def _tc_bwd_smem(d):
+    acc = (2 if d > 64 else 1) * 64 * (d + 8) * 4  # dKsel, and dK from D > 64 on
+    return (6 * 64) * (d + 8) * 2 + 2 * 64 * 72 * 2 + 3 * 64 * 4 + acc + 2 * 32 * 128 * 4
 
 
 @pytest.mark.parametrize("d", [64, 96, 128])
@@ -38,15 +45,34 @@ def test_tc_bwd_flops_and_atomics(d):
     n = 192
     s = rl.Shape(1, 4, 2, n, d)
     k = rl.tc_bwd_cost(s)
+    assert rl.tc_bwd_heads_per_cta(s) == 1  # 6 CTAs: far below 2 per SM, no head grouping
     nkb = n // 64
     tiles = _tiles(nkb) * 4
     assert k.total["tc_flops"] == 8 * 2 * 64 * 64 * d * tiles  # 8 GEMMs per tile
     assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
     # dQ and dQ_sel: one fp32 atomic per (row, d) per tile; dK, dV, dK_sel once per CTA.
     assert k.total["red"] == 2 * 64 * d * tiles + 3 * 64 * d * nkb * 4
-    # D > 64 keeps dK in shared memory too: 2 fp32 accumulators, else 1.
-    acc = (2 if d > 64 else 1) * 64 * (d + 8) * 4
-    assert k.smem_bytes == (6 * 64) * (d + 8) * 2 + 2 * 64 * 72 * 2 + 3 * 64 * 4 + acc
+    assert k.smem_bytes == _tc_bwd_smem(d)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_tc_bwd_head_groups(d):
+    """A GQA group of 4 with enough key blocks: one CTA per group, A^T, dKsel and dQsel (and
+    their atomics) once per CTA, the 5 per-head GEMMs and dQ atomics per head."""
+    n = 16384
+    s = rl.Shape(1, 8, 2, n, d)
+    assert rl.tc_bwd_heads_per_cta(s) == 4
+    # 128 key blocks x 4 CTAs of 2 heads >= 2 x 132 SMs; 64 x 8 at N = 4096 are not.
+    assert rl.tc_bwd_heads_per_cta(rl.Shape(1, 8, 2, 8192, d)) == 2
+    assert rl.tc_bwd_heads_per_cta(rl.Shape(1, 8, 2, 4096, d)) == 1
+    k = rl.tc_bwd_cost(s)
+    nkb = n // 64
+    copies = 8 // 4
+    tiles = _tiles(nkb) * copies
+    assert k.ctas == nkb * copies
+    assert k.total["tc_flops"] == (3 + 5 * 4) * 2 * 64 * 64 * d * tiles
+    assert k.total["red"] == (4 + 1) * 64 * d * tiles + 3 * 64 * d * nkb * copies
+    assert k.smem_bytes == _tc_bwd_smem(d)
 
 
 @pytest.mark.parametrize("d", [16, 64, 100])

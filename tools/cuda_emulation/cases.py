@@ -41,6 +41,9 @@ class PrefillCase:
     # Query blocks (32 rows) per superchunk of the bounded Poff workspace, forced through
     # SELATTN_CUDA_SUPERCHUNK_BLOCKS (None: the launcher's own choice, one superchunk here).
     superchunk_blocks: Optional[int] = None
+    # Q heads per CTA of the tensor-core backward, forced through SELATTN_CUDA_TC_BWD_HEADS
+    # (None: the launcher's choice, 1 at these small shapes, which leave the 132 SMs idle).
+    bwd_heads: Optional[int] = None
 
     @property
     def shape(self):
@@ -48,14 +51,12 @@ class PrefillCase:
 
 
 @contextlib.contextmanager
-def superchunk_env(blocks: Optional[int]):
-    """SELATTN_CUDA_SUPERCHUNK_BLOCKS=blocks while the emulated launcher runs (read per call)."""
-    name = "SELATTN_CUDA_SUPERCHUNK_BLOCKS"
+def _env(name: str, value: Optional[int]):
     saved = os.environ.get(name)
-    if blocks is None:
+    if value is None:
         os.environ.pop(name, None)
     else:
-        os.environ[name] = str(blocks)
+        os.environ[name] = str(value)
     try:
         yield
     finally:
@@ -63,6 +64,18 @@ def superchunk_env(blocks: Optional[int]):
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+def superchunk_env(blocks: Optional[int]):
+    """SELATTN_CUDA_SUPERCHUNK_BLOCKS=blocks while the emulated launcher runs (read per call)."""
+    return _env("SELATTN_CUDA_SUPERCHUNK_BLOCKS", blocks)
+
+
+@contextlib.contextmanager
+def launcher_env(c):
+    """The launcher choices case c forces: superchunk size and tensor-core backward heads."""
+    with superchunk_env(c.superchunk_blocks), _env("SELATTN_CUDA_TC_BWD_HEADS", c.bwd_heads):
+        yield
 
 
 def _inputs(c: PrefillCase):
@@ -130,13 +143,13 @@ def check_prefill(emu, c: PrefillCase, backward: bool = True) -> list:
     low = c.dtype if c.dtype != torch.float64 else torch.float64
     olo, lselo, memlo, glo, _ = _reference(c, q, k, v, qs, ks, dout, dlse, dmem, low)
     assert f64.max().item() > 1.0, "inputs too tame: F never exceeds 1"
-    with superchunk_env(c.superchunk_blocks):
+    with launcher_env(c):
         res = emu.prefill_fwd(q, k, v, qs, ks, scale, c.mem_tau, path=c.path)
     out, lse = res[0], res[1]
     base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
                 sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
                 mem_tau=c.mem_tau, dlse=c.dlse, sink=c.sink,
-                superchunk_blocks=c.superchunk_blocks)
+                superchunk_blocks=c.superchunk_blocks, bwd_heads=c.bwd_heads)
     records = []
 
     def rec(kernel, name, ours, oracle, eager, factor):
@@ -152,7 +165,7 @@ def check_prefill(emu, c: PrefillCase, backward: bool = True) -> list:
     if c.mem_tau:
         rec(kf, "mem", res[2], mem64, memlo, 2)
     if backward:
-        with superchunk_env(c.superchunk_blocks):
+        with launcher_env(c):
             grads = emu.prefill_bwd(dout, q, k, v, qs, ks, out, lse,
                                     dlse.to(lse.dtype) if dlse is not None else None, scale,
                                     dmem.to(lse.dtype) if dmem is not None else None, c.mem_tau,
@@ -251,9 +264,11 @@ def ci_prefill_cases():
                                  dlse=True, path="simt"))
     # Tensor cores: every (head dim, dtype) file.
     for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
+        # Head dims 32 and 96: the backward's two heads in one CTA (F^T and dA shared).
         cases.append(PrefillCase(dt, d, seqlen=70, heads_q=2, heads_kv=1, sel_head=1,
-                                 path="tc", dlse=d == 64, mem_tau=1.0 if d == 32 else None))
-    # Bounded workspace: 64-row superchunks (3 of them, the last one partial), both paths.
+                                 path="tc", dlse=d == 64, mem_tau=1.0 if d == 32 else None,
+                                 bwd_heads=2 if d in (32, 96) else None))
+    # Bounded workspace: 128-row superchunks (2 of them, the last one partial), both paths.
     cases += superchunk_cases()[:2]
     cases += tc_prepass_cases()
     return cases
@@ -262,9 +277,19 @@ def ci_prefill_cases():
 def tc_prepass_cases():
     """The tensor-core pre-pass (tc_prepass.cuh) past what 70-row cases reach: unmasked interior
     tiles (rows >= 128, keys >= 64), several 128-row groups per superchunk (the zero bands),
-    superchunks starting past row 0 (c0 > 2) and a partial last one."""
+    superchunks starting past row 0 (c0 = 4, 8, 12) and a partial last one."""
     return [PrefillCase(torch.bfloat16, 32, seqlen=400, heads_q=1, heads_kv=1, sel_head=0,
-                        dlse=True, path="tc", seed=36, superchunk_blocks=6)]
+                        dlse=True, path="tc", seed=36, superchunk_blocks=4)]
+
+
+def tc_bwd_head_group_cases():
+    """GQA groups of 4 in the tensor-core backward: all four q heads in one CTA (F^T from
+    shared memory for three of them, dA from the sum of four dL), and two CTAs of two heads per
+    group (dQsel and dKsel atomics from several CTAs, the dF suffix sums in each CTA's first
+    head's slot), both over several superchunks, memory loss in the group with head 0."""
+    return [PrefillCase(torch.bfloat16, 64, batch=1, seqlen=150, heads_q=8, heads_kv=2,
+                        sel_head=5, mem_tau=1.2, dlse=True, path="tc", seed=37,
+                        superchunk_blocks=4, bwd_heads=heads) for heads in (4, 2)]
 
 
 def superchunk_cases():
@@ -272,17 +297,18 @@ def superchunk_cases():
     backward's walk from the last to the first, the dF suffix sums handed between launches."""
     return [
         PrefillCase(torch.bfloat16, 64, batch=2, seqlen=150, heads_q=2, heads_kv=1, sel_head=1,
-                    mem_tau=1.2, dlse=True, path="tc", seed=30, superchunk_blocks=2),
+                    mem_tau=1.2, dlse=True, path="tc", seed=30, superchunk_blocks=4,
+                    bwd_heads=2),
         PrefillCase(torch.float32, 40, batch=2, seqlen=150, heads_q=2, heads_kv=1, sel_head=1,
-                    mem_tau=1.2, dlse=True, path="simt", seed=31, superchunk_blocks=2),
+                    mem_tau=1.2, dlse=True, path="simt", seed=31, superchunk_blocks=4),
         PrefillCase(torch.float16, 128, batch=1, seqlen=200, heads_q=4, heads_kv=2, sel_head=3,
-                    path="tc", seed=32, superchunk_blocks=4),
-        PrefillCase(torch.bfloat16, 32, batch=1, seqlen=97, heads_q=2, heads_kv=2,
-                    explicit_sel=True, path="tc", seed=33, superchunk_blocks=2),
+                    path="tc", seed=32, superchunk_blocks=4, bwd_heads=2),
+        PrefillCase(torch.bfloat16, 32, batch=1, seqlen=140, heads_q=2, heads_kv=2,
+                    explicit_sel=True, path="tc", seed=33, superchunk_blocks=4),
         PrefillCase(torch.float64, 7, batch=2, seqlen=200, heads_q=4, heads_kv=2, sel_head=2,
                     mem_tau=0.8, path="simt", seed=34, superchunk_blocks=4),
         PrefillCase(torch.bfloat16, 96, batch=1, seqlen=130, heads_q=2, heads_kv=1, sel_head=0,
-                    path="simt", seed=35, superchunk_blocks=2),
+                    path="simt", seed=35, superchunk_blocks=4),
     ]
 
 
@@ -362,9 +388,11 @@ def full_prefill_cases():
                                  explicit_sel=True, mem_tau=0.8, dlse=True, path="simt", seed=12))
     for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
         cases.append(PrefillCase(dt, d, batch=2, seqlen=150, heads_q=4, heads_kv=2, sel_head=2,
-                                 path="tc", seed=13))
+                                 path="tc", seed=13, bwd_heads=2))
         cases.append(PrefillCase(dt, d, batch=1, seqlen=129, heads_q=2, heads_kv=1,
-                                 explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=14))
+                                 explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=14,
+                                 bwd_heads=2 if d <= 64 else None))
+    cases += tc_bwd_head_group_cases()
     cases += superchunk_cases()[2:]
     # fp16 tensor-core backward, long N with an attention sink: dA's suffix sums grow with N.
     cases.append(PrefillCase(torch.float16, 64, seqlen=1024, heads_q=1, heads_kv=1, sel_head=0,
@@ -428,6 +456,7 @@ class VarlenCase:
     seed: int = 0
     layout: str = "varlen"  # in repr(), so run_all.py --only varlen selects these
     superchunk_blocks: Optional[int] = None  # as PrefillCase: forces several superchunks
+    bwd_heads: Optional[int] = None  # as PrefillCase: tensor-core backward heads per CTA
 
     @property
     def shape(self):
@@ -530,13 +559,13 @@ def check_varlen(emu, c: VarlenCase, backward: bool = True) -> list:
     if c.seqlen >= 40:
         assert fmax > 1.0, "inputs too tame: F never exceeds 1"
     cu = _cu(c.lengths)
-    with superchunk_env(c.superchunk_blocks):
+    with launcher_env(c):
         res = emu.prefill_varlen_fwd(q, k, v, qs, ks, cu, c.seqlen, scale, c.mem_tau,
                                      path=c.path)
     out, lse = res[0], res[1]
     base = dict(dtype=NAMES[c.dtype], head_dim=D, shape=c.shape, path=c.path,
                 sel="explicit" if c.explicit_sel else f"head {c.sel_head}",
-                mem_tau=c.mem_tau, dlse=c.dlse, lengths=list(c.lengths))
+                mem_tau=c.mem_tau, dlse=c.dlse, lengths=list(c.lengths), bwd_heads=c.bwd_heads)
     records = []
 
     def rec(kernel, name, ours, oracle, eager, factor):
@@ -552,7 +581,7 @@ def check_varlen(emu, c: VarlenCase, backward: bool = True) -> list:
     if c.mem_tau:
         rec(kf, "mem", res[2], mem64, memlo, 2)
     if backward and g64 is not None:
-        with superchunk_env(c.superchunk_blocks):
+        with launcher_env(c):
             grads = emu.prefill_varlen_bwd(dout, q, k, v, qs, ks, cu, c.seqlen, out, lse,
                                            dlse.to(lse.dtype) if dlse is not None else None,
                                            scale, dmem.to(lse.dtype) if dmem is not None else None,
@@ -569,7 +598,7 @@ def ci_varlen_cases():
         VarlenCase(torch.float32, 40, (0, 45, 1, 70, 0, 3), heads_q=4, heads_kv=2, sel_head=3,
                    dlse=True, mem_tau=1.0, path="simt", seed=30),
         VarlenCase(torch.bfloat16, 64, (70, 0, 1, 130, 5), heads_q=2, heads_kv=1,
-                   explicit_sel=True, dlse=True, mem_tau=1.5, path="tc", seed=31),
+                   explicit_sel=True, dlse=True, mem_tau=1.5, path="tc", seed=31, bwd_heads=2),
     ]
 
 
@@ -593,15 +622,15 @@ def full_varlen_cases():
                                 explicit_sel=True, mem_tau=0.8, dlse=True, path="simt", seed=41))
     for d, dt in itertools.product((32, 64, 96, 128), (torch.bfloat16, torch.float16)):
         cases.append(VarlenCase(dt, d, _mix(rng, 6, 200), heads_q=4, heads_kv=2, sel_head=1,
-                                path="tc", seed=42))
+                                path="tc", seed=42, bwd_heads=2))
         cases.append(VarlenCase(dt, d, _mix(rng, 5, 140), heads_q=2, heads_kv=1,
                                 explicit_sel=True, mem_tau=1.5, dlse=True, path="tc", seed=43))
     # Degenerate batches: every sequence empty or of length 1; one sequence only.
     cases.append(VarlenCase(torch.float32, 32, (0, 0, 0), path="simt", seed=44))
     cases.append(VarlenCase(torch.float16, 32, (1, 1, 0, 1), path="tc", seed=45))
     cases.append(VarlenCase(torch.bfloat16, 64, (193,), heads_q=2, heads_kv=1, path="tc",
-                            dlse=True, seed=46))
-    # Bounded workspace and varlen together: 64-row superchunks over the longest sequence, the
+                            dlse=True, seed=46, bwd_heads=2))
+    # Bounded workspace and varlen together: 128-row superchunks over the longest sequence, the
     # shorter ones ending inside or before the later superchunks.
     cases += superchunk_varlen_cases()
     return cases
@@ -610,10 +639,10 @@ def full_varlen_cases():
 def superchunk_varlen_cases():
     return [
         VarlenCase(torch.float32, 40, (150, 0, 1, 70, 33, 200), heads_q=4, heads_kv=2, sel_head=1,
-                   mem_tau=1.0, dlse=True, path="simt", seed=47, superchunk_blocks=2),
+                   mem_tau=1.0, dlse=True, path="simt", seed=47, superchunk_blocks=4),
         VarlenCase(torch.bfloat16, 64, (130, 1, 0, 64, 190), heads_q=2, heads_kv=1,
                    explicit_sel=True, mem_tau=1.2, dlse=True, path="tc", seed=48,
-                   superchunk_blocks=2),
+                   superchunk_blocks=4, bwd_heads=2),
         VarlenCase(torch.float16, 32, (70, 129, 5), heads_q=2, heads_kv=2, path="tc", seed=49,
                    superchunk_blocks=4),
     ]

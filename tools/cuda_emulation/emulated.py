@@ -106,12 +106,19 @@ DEFECTS.update({
 # run the warps through Q K^T in lockstep, and TSan saw no race either (2026-12-01 run). A
 # known blind spot, so it is not listed.)
 DEFECTS.update({
-    # The backward issues the next query block's Q, Q_sel, dO without waiting for the
-    # barrier after this block's last reads of them.
+    # The backward issues the next head's Q, dO (or the next query block's) without waiting
+    # for the barrier after this head's last reads of them.
     "tc_bwd_early_prefetch": (
         "cuda/prefill/tc_bwd.cuh",
-        "    __syncthreads();  // also: every warp is done with s_q, s_qsel, s_do of this block\n",
+        "      __syncthreads();  // also: every warp is done with s_q, s_do (and, last head, s_qsel)\n",
         "",
+    ),
+    # The backward's head loop keeps only the latest head's dL^T in its dA sum (a group of 4
+    # heads in one CTA then loses two heads' share of dQsel and dKsel).
+    "tc_bwd_dsum_overwrite": (
+        "cuda/prefill/tc_bwd.cuh",
+        "              (hi == 0 ? 0.f : s_dsum[e * kThr + threadIdx.x]) + dlt[e / 4][e % 4];\n",
+        "              0.f + dlt[e / 4][e % 4];\n",
     ),
     "tc_fwd_missing_wait": (
         "cuda/prefill/tc_fwd.cuh",

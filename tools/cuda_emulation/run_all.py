@@ -253,7 +253,7 @@ def main() -> int:
                 probe = (cases.decode_defect_probes() if decode_defect else
                          [cases.PrefillCase(torch.float32, 40, seqlen=70, path="simt"),
                           cases.PrefillCase(torch.bfloat16, 64, seqlen=70, path="tc"),
-                          *cases.ci_varlen_cases()])
+                          *cases.ci_varlen_cases(), cases.tc_bwd_head_group_cases()[0]])
                 caught, how = False, []
                 for c in probe:
                     label = getattr(c, "path", "decode")

@@ -30,13 +30,14 @@ SELATTN_HOST_DEVICE inline int64_t num_sel_blocks(int64_t n) { return (n + kSelB
 
 // Bounded workspace (DESIGN §4): the query blocks run in superchunks of superchunk_blocks(p)
 // consecutive 32-row blocks; only one superchunk's Poff rows exist at a time, and a running
-// column sum (B x N, the "carry") links one superchunk to the next. The block count is even, so
-// a 64-row tensor-core tile never straddles two superchunks, and chosen so that one
+// column sum (B x N, the "carry") links one superchunk to the next. The block count is a
+// multiple of 4, so a 128-row tensor-core forward tile (and a 64-row backward one) never
+// straddles two superchunks, and is chosen so that one
 // superchunk's Poff, B * blocks * N accumulators, stays within max(size of q, 64 MiB) (two
-// blocks are the minimum; only when 2 * B * N accumulators alone exceed that cap, i.e. heads_q
-// * head_dim * element size < 8 bytes, does the workspace exceed it). N <= 64K at B = 1,
-// Hq = 32, D = 128 runs as one superchunk. SELATTN_CUDA_SUPERCHUNK_BLOCKS=n forces n blocks
-// (rounded down to even, at least 2): the tests of the carry.
+// four blocks are the minimum; only when 4 * B * N accumulators alone exceed that cap, i.e.
+// heads_q * head_dim * element size < 16 bytes, does the workspace exceed it). N <= 64K at
+// B = 1, Hq = 32, D = 128 runs as one superchunk. SELATTN_CUDA_SUPERCHUNK_BLOCKS=n forces n
+// blocks (rounded down to a multiple of 4, at least 4): the tests of the carry.
 constexpr size_t kPoffCapFloor = size_t(64) << 20;
 
 inline int64_t superchunk_blocks(const PrefillParams& p) {
@@ -51,7 +52,7 @@ inline int64_t superchunk_blocks(const PrefillParams& p) {
     const size_t row = size_t(p.batch) * size_t(p.seqlen) * accum_bytes(p.dtype);
     blocks = row == 0 ? nqb : int64_t(cap / row);
   }
-  blocks = blocks < 2 ? 2 : blocks & ~int64_t(1);
+  blocks = blocks < 4 ? 4 : blocks & ~int64_t(3);
   return blocks < nqb ? blocks : nqb;
 }
 

@@ -1,12 +1,17 @@
 // Tensor-core prefill forward for bf16/fp16, head dims 32, 64, 96, 128 (flash-attention-2
 // style, mma.sync.m16n8k16, fp32 accumulate). Torch-free.
 //
-// One CTA (4 warps) per (query block of 64 rows, q head, batch); warp w owns rows 16w..16w+15.
+// One CTA (8 warps) per (query block of 128 rows, q head, batch); warp w owns rows
+// 16w..16w+15. 128 rows, FlashAttention-2's tile, at every head dim: each K, K_sel, V tile
+// staged serves twice the rows of a 64-row tile (half the L2 -> shared traffic and cp.async
+// work per row), while a warp's registers are those of the 64-row kernel (a warp still owns
+// 16 rows; ptxas sm_90 counts in bench/results/ptxas_sm90_*). Occupancy stays at 8 warps per
+// SM for head dims 64-128 (registers, and shared memory at 128) and 16 at 32.
 // Per key tile of 64 keys (K, K_sel, V staged in padded shared memory):
 //   1. A = Q_sel K_sel^T with the tensor cores; S = relu(scale * A) where 1 <= j < i.
 //   2. F = Poff[block] + exclusive cumsum of S down the block's rows: a shuffle scan over the
 //      8 row groups of each warp's fragment, then the column totals of the warps above (shared
-//      memory), all in fp32.
+//      memory, up to 7 per column), all in fp32.
 //   3. logits = scale * Q K^T - F, causal mask, online softmax on the fragments.
 //   4. O += P V, with P re-packed from the C fragments as the A operand.
 // Loads are cp.async, overlapped as in FlashAttention-2 without a second buffer: V of tile j
@@ -29,16 +34,15 @@ namespace selattn::cuda {
 template <typename T, int kD>
 struct TcFwdConfig {
   static_assert(kD % 16 == 0 && kD <= 128, "head dim must be a multiple of 16, at most 128");
-  static constexpr int kBlockM = 64;  // query rows per CTA
+  static constexpr int kBlockM = 128;  // query rows per CTA
   static constexpr int kBlockN = 64;  // keys per tile
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
   // CTAs per SM the register allocation must allow (ptxas otherwise spends registers freely).
-  // Head dim 32: 4, what it reached before the varlen mode made the sequence length a runtime
-  // value (ptxas sm_90: 127 registers, no spills; 150 unbounded). Head dim 64 would need 3
-  // (168 registers) and then spills 32 bytes; unbounded it takes 175 (2 CTAs/SM by registers,
-  // 3 before varlen): which is faster is for a GPU benchmark to say.
-  static constexpr int kMinBlocks = kD <= 32 ? 4 : 1;
+  // Head dim 32: 2 (16 warps, at most 128 registers; unbounded ptxas takes ~150). Wider head
+  // dims: 1 (8 warps, up to 255 registers): bounding head dim 64 to 2 CTAs (128 registers)
+  // spills; which is faster is for a GPU benchmark to say.
+  static constexpr int kMinBlocks = kD <= 32 ? 2 : 1;
   // +8 elements (16 bytes) per row: the 8 row addresses of an ldmatrix hit distinct banks.
   static constexpr int kStride = kD + 8;
   static constexpr size_t kSmemBytes =
@@ -59,7 +63,8 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   T* s_v = s_ksel + kBN * kStride;
   float* s_warp_tot = reinterpret_cast<float*>(s_v + kBN * kStride);  // [kWarps][kBN]
 
-  // 64-row blocks of the superchunk (its begin is even: dispatch.h); longest rows first.
+  // 128-row blocks of the superchunk (its begin is a multiple of 4 blocks: dispatch.h);
+  // longest rows first.
   const int64_t qb = ceil_div(sc.end * kSelBlockRows, kBM) - 1 - blockIdx.x;
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
@@ -76,7 +81,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   const float mem_tau = float(p.mem_tau);
 
   const auto [q, k, v, q_sel, k_sel] = seq_inputs<T>(p, b, h, hk, rows);
-  // Poff is kept per 32-row block; the 64-row block starting at row0 is block row0 / 32.
+  // Poff is kept per 32-row block; the 128-row block starting at row0 is block row0 / 32.
   const float* poff_block =
       poff + (b * sc.stride + row0 / kSelBlockRows - sc.begin) * p.seqlen;
 
