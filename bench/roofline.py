@@ -116,6 +116,12 @@ def gpu_check_shapes() -> List[Shape]:
     return shapes
 
 
+def report_shapes() -> List[Shape]:
+    """gpu_check_shapes() and the same B=1 H=32 N=8K D=128 reading with GQA 4:1 (8 kv heads,
+    Llama-like): PackGQA in the forward, head groups in the backward."""
+    return gpu_check_shapes() + [Shape(1, 32, 8, 8192, 128)]
+
+
 # ---- registers ---------------------------------------------------------------------------------
 
 # Registers per thread of each kernel, `nvcc -O3 --use_fast_math -gencode arch=compute_90,
@@ -356,46 +362,63 @@ def simt_fwd_cost(s: Shape) -> KernelCost:
     return cost
 
 
+def tc_fwd_heads_per_cta(s: Shape) -> int:
+    """tc_fwd_heads_per_cta in tc_fwd.cuh (PackGQA): 4, 2 or 1, whichever divides the group."""
+    group = s.heads_q // s.heads_kv
+    return 4 if group % 4 == 0 else 2 if group % 2 == 0 else 1
+
+
 def tc_fwd_cost(s: Shape) -> KernelCost:
-    """tc_fwd_kernel (tc_fwd.cuh): grid (N/128, Hq, B), 256 threads (8 warps x 16 rows), key
-    tiles of 64; cp.async loads one step ahead (V of tile j under its selection GEMM and QK^T,
-    K and K_sel of tile j + 1 under its softmax and PV), 4 barriers per tile; selection GEMM,
-    F scan (shuffles), QK^T, online softmax, PV on mma.sync; O out in 16-byte row vectors."""
+    """tc_fwd_kernel (tc_fwd.cuh): grid (N/R, Hq/H', B), 256 threads (8 warps x 16 packed rows:
+    R = 128/H' query rows of each of H' q heads of one kv group), key tiles of 64; cp.async
+    loads one step ahead (V of tile j under its selection GEMM and QK^T, K and K_sel of tile
+    j + 1 under its softmax and PV), 4 barriers per tile; the selection GEMM and F scan once
+    for the R rows (R/16 warps), handed to the other heads' warps through shared memory; QK^T,
+    online softmax, PV on mma.sync; O out in 16-byte row vectors."""
     n, d, es = s.seqlen, s.head_dim, s.elem_bytes
-    rows, w = 128, 8
+    hpc = tc_fwd_heads_per_cta(s)
+    packed, w = 128, 8
+    rows = packed // hpc
+    ws = rows // 16  # selection warps
     nqb = math.ceil(n / rows)
-    gemm = dict(ldsm=5 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * rows * 64 * d)
+    gemm = dict(ldsm=5 * d // 16, mma=8 * d // 16, tc_flops=2 * 16 * 64 * d)  # per warp
     tile = _zero()
     vec = 3 * 64 * d // 8 // (32 * w)  # uint4 loads per thread for K, K_sel, V
     # cp.async: one instruction per 16 bytes; its shared-memory write counted as an sts128.
     _add(tile, dict(barriers=3, ldg=vec * w, sts128=vec * w, global_load_bytes=3 * 64 * d * es))
-    _add(tile, gemm)  # A = Q_sel K_sel^T
-    # F: 16 (nt, c) pairs x (3 x 2 scan + 2 totals + 2 exclusive) shuffles; warp totals to
-    # shared memory (16 predicated stores), a barrier, then Poff (16 loads) and the totals of
-    # the warps above (0..7 loads each, 3.5 on average).
-    _add(tile, dict(shfl=160 * w, sts=16 * w, barriers=1, ldg=16 * w, lds=16 * 3.5 * w,
-                    global_load_bytes=w * 64 * 4, ffma=(16 + 16 * 3.5) * w))
-    _add(tile, gemm)  # Q K^T
+    _add(tile, gemm, ws)  # A = Q_sel K_sel^T, selection warps
+    # F (selection warps): 16 (nt, c) pairs x (3 x 2 scan + 2 totals + 2 exclusive) shuffles;
+    # warp totals to shared memory (16 predicated stores), a barrier, then Poff (16 loads) and
+    # the totals of the warps above (0..ws-1 loads each).
+    above = (ws - 1) / 2
+    _add(tile, dict(shfl=160 * ws, sts=16 * ws, barriers=1, ldg=16 * ws, lds=16 * above * ws,
+                    global_load_bytes=ws * 64 * 4, ffma=(16 + 16 * above) * ws))
+    if hpc > 1:  # F through shared memory: 16 float2 stores per selection lane, loads per other
+        _add(tile, dict(sts=16 * ws, lds=16 * (w - ws)))
+    _add(tile, gemm, w)  # Q K^T
     # Softmax on 32 fragment elements per thread: 32 + 2 exp, 8 shuffles, ~32 FMA + o rescale.
     _add(tile, dict(mufu=34 * w, shfl=8 * w, ffma=(32 + 32 + d // 2) * w))
     # PV: 4 k-steps x D/16 (1 ldmatrix.trans + 2 mma), 16 bf16x2 packs.
-    _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * rows * 64 * d))
-    # Q and Q_sel once (D/8 uint4 per thread); O through shared memory (D/4 4-byte stores per
-    # thread, then 16-byte row vectors: D/8 lds128 as 4 lds each), lse.
-    fixed = dict(ldg=d // 8 * w, sts128=d // 8 * w, global_load_bytes=2 * rows * d * es,
-                 sts=d // 4 * w, lds=d // 2 * w, global_store_bytes=rows * d * es + rows * 4)
+    _add(tile, dict(ldsm=4 * d // 16 * w, mma=8 * d // 16 * w, tc_flops=2 * packed * 64 * d))
+    # Q (128 packed rows) and Q_sel (R rows) once; O through shared memory (D/4 4-byte stores
+    # per thread, then 16-byte row vectors: D/8 lds128 as 4 lds each), lse.
+    qvec = (packed + rows) * d // 8 // 32
+    fixed = dict(ldg=qvec, sts128=qvec, global_load_bytes=(packed + rows) * d * es,
+                 sts=d // 4 * w, lds=d // 2 * w,
+                 global_store_bytes=packed * d * es + packed * 4)
     h, hk = s.heads_q, s.heads_kv
-    smem = (2 * rows + 3 * 64) * (d + 8) * es + w * 64 * 4
+    smem = (2 * packed + 3 * 64) * (d + 8) * es + w * 64 * 4 + packed // 2 * 72 * 4
     # q, k, v, q_sel, k_sel, out; lse; Poff: every fourth 32-row block, causal part of each.
     dram = (s.batch * n * d * es * (2 * h + 2 * hk + 2) + s.batch * h * n * 4 +
             s.batch * math.ceil(n / 32) * n * 4 / 8)
     key_tiles = math.ceil(n / 64)
-    tiles = [min(2 * i, key_tiles) for i in range(1, nqb + 1)]
-    cost = _grid_cost("tc_fwd", 32 * w, smem, fixed, tile, tiles, s.batch * h,
+    tiles = [min(math.ceil(i * rows / 64), key_tiles) for i in range(1, nqb + 1)]
+    cost = _grid_cost("tc_fwd", 32 * w, smem, fixed, tile, tiles, s.batch * h // hpc,
                       dram, 1, 0,
-                      notes="128-row tiles (8 warps), cp.async one step ahead (no second "
-                            "buffer), selection GEMM per head (1.5x FA2's tensor FLOPs), 160 "
-                            "shuffles/thread/tile for F, 16-byte output stores")
+                      notes=f"{hpc} q heads x {rows} rows per CTA (PackGQA: K, K_sel, V tiles "
+                            "and the selection GEMM + F shared by them), 8 warps, cp.async one "
+                            "step ahead (no second buffer), 160 shuffles per selection-warp "
+                            "thread per tile for F, 16-byte output stores")
     cost.registers = _regs("tc_fwd", d)
     return cost
 
@@ -1006,7 +1029,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--print", action="store_true", help="also print the markdown")
     args = ap.parse_args(argv)
     gpu_list = [GPUS[g] for g in args.gpus.split(",")]
-    report = build_report(gpu_check_shapes(), gpu_list)
+    report = build_report(report_shapes(), gpu_list)
     commit, date = _git_commit(), _dt.date.today().isoformat()
     report["meta"] = dict(commit=commit, date=date)
     os.makedirs(args.out, exist_ok=True)

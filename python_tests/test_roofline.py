@@ -32,7 +32,25 @@ def test_tc_fwd_flops_closed_form(n, d):
     assert k.ctas == nqb * 2 * 3 and k.threads == 256
     assert k.per_cta_max["tc_flops"] == 3 * 2 * 128 * 64 * d * nkt  # the last query block
     # Shared memory as the kernel's TcFwdConfig::kSmemBytes computes it.
-    assert k.smem_bytes == (2 * 128 + 3 * 64) * (d + 8) * 2 + 8 * 64 * 4
+    assert k.smem_bytes == (2 * 128 + 3 * 64) * (d + 8) * 2 + 8 * 64 * 4 + 64 * 72 * 4
+
+
+@pytest.mark.parametrize("hq,hkv,packed", [(8, 2, 4), (6, 3, 2), (3, 1, 1), (8, 1, 4)])
+def test_tc_fwd_packgqa(hq, hkv, packed):
+    """PackGQA: H' q heads of a kv group per CTA, R = 128 / H' rows of each; QK^T and PV
+    for every packed row, the selection GEMM once per query row (not per head)."""
+    n, d = 512, 64
+    s = rl.Shape(1, hq, hkv, n, d)
+    assert rl.tc_fwd_heads_per_cta(s) == packed
+    k = rl.tc_fwd_cost(s)
+    r = 128 // packed
+    nqb, nkt = n // r, n // 64
+    tiles = sum(min(math.ceil(i * r / 64), nkt) for i in range(1, nqb + 1))
+    copies = hq // packed
+    assert k.ctas == nqb * copies
+    per_tile = 2 * 2 * 128 * 64 * d + 2 * r * 64 * d  # QK^T, PV (packed rows); selection (R)
+    assert k.total["tc_flops"] == per_tile * tiles * copies
+    assert k.total["tc_flops"] == k.total["mma"] * rl.MMA_FLOPS
 
 
 def _tc_bwd_smem(d):
@@ -113,11 +131,16 @@ def test_fa2_and_ratios():
     fa = rl.fa2_bound(s, rl.H100, rl.H100.tc_tflops_spec, backward=False)
     assert fa["tc_flops"] == 4 * 128 * 16 * rl.causal_pairs(16384)
     b = rl.prefill_bounds(s)
-    # Our tensor-core forward computes 3 GEMMs per full 64 x 64 tile where FA2 needs 2 per
-    # causal pair: 1.5x, plus the masked halves of the diagonal tiles and the pre-pass.
+    # MHA: our tensor-core forward computes 3 GEMMs per full tile where FA2 needs 2 per causal
+    # pair: 1.5x, plus the masked parts of the diagonal tiles and the pre-pass.
     assert 1.5 < b["tc_fwd_flops_over_fa2"] < 1.6
     assert 1.6 < b["tc_bwd_flops_over_fa2"] < 1.7  # 8 GEMMs where FA2 has 5
     assert b["min_fwd_flops_over_fa2"] == pytest.approx(1 + 1 / (2 * 16) + 1 / (2 * 16), rel=1e-3)
+    # GQA 4:1: the selection GEMM once per 4 heads in the forward (PackGQA), A^T, dKsel and
+    # dQsel once per 4 heads in the backward.
+    g = rl.prefill_bounds(rl.Shape(1, 32, 8, 8192, 128))
+    assert 1.1 < g["tc_fwd_flops_over_fa2"] < 1.2
+    assert 1.1 < g["tc_bwd_flops_over_fa2"] < 1.2
     # Quadratic work: doubling N at fixed tokens per batch doubles the time.
     b2 = rl.prefill_bounds(rl.Shape(2, 16, 16, 8192, 128))
     assert 1.9 < b["fa2_fwd_us"] / b2["fa2_fwd_us"] < 2.1
@@ -146,7 +169,7 @@ def test_report_written(tmp_path):
     files = sorted(os.listdir(tmp_path))
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"]
     data = json.load(open(tmp_path / files[0]))
-    assert len(data["prefill_bounds"]) == 2 * 3 * len(rl.gpu_check_shapes())
+    assert len(data["prefill_bounds"]) == 2 * 3 * len(rl.report_shapes())
     assert {r["budget"] for r in data["decode"]} == {512, 1024, 2048, 4096, 8192, 16384}
     assert {r["B"] for r in data["decode"]} >= {1, 64}
     md = open(tmp_path / files[1]).read()

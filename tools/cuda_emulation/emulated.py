@@ -120,6 +120,13 @@ DEFECTS.update({
         "              (hi == 0 ? 0.f : s_dsum[e * kThr + threadIdx.x]) + dlt[e / 4][e % 4];\n",
         "              0.f + dlt[e / 4][e % 4];\n",
     ),
+    # PackGQA: the other heads' warps take F of row i + 8 for row i (a row-offset slip in the
+    # shared F tile; the selection warps' own F stays right).
+    "tc_fwd_packgqa_f_row": (
+        "cuda/prefill/tc_fwd.cuh",
+        "        const float2 lo = *reinterpret_cast<const float2*>(s_f + (wrow + g) * kFStride + col);\n",
+        "        const float2 lo = *reinterpret_cast<const float2*>(s_f + (wrow + g + 8) * kFStride + col);\n",
+    ),
     "tc_fwd_missing_wait": (
         "cuda/prefill/tc_fwd.cuh",
         "    cp_async_wait<1>();  // this thread's V copies have landed (the next K may be in flight)\n",
