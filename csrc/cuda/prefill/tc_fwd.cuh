@@ -9,11 +9,12 @@
 // warps of head h0 (w < R / 16), the "selection warps", compute F and hand it to the others
 // through shared memory. 128 packed rows, FlashAttention-2's tile: each K, K_sel, V tile
 // staged serves 128 rows, while a warp's registers are those of a 64-row kernel (ptxas sm_90
-// counts in bench/results/ptxas_sm90_*). Occupancy: 8 warps per SM (registers; at head dim
-// 128 also shared memory).
+// counts in bench/results/ptxas_sm90_*). Occupancy: 16 warps per SM at head dim 32, 8 at
+// 64-128 (registers; at 128 also shared memory).
 // Per key tile of 64 keys (K, K_sel, V staged in padded shared memory):
 //   1. Selection warps: A = Q_sel K_sel^T with the tensor cores; S = relu(scale * A) where
-//      1 <= j < i. The other warps compute their Q K^T meanwhile.
+//      1 <= j < i. (The other warps wait at the next barrier: letting them start their Q K^T
+//      there costs ptxas 13-28 registers, at head dim 32 the second CTA per SM.)
 //   2. F = Poff[block] + exclusive cumsum of S down the block's rows: a shuffle scan over the
 //      8 row groups of each warp's fragment, then the column totals of the selection warps
 //      above (shared memory, up to 7 per column), all in fp32; with H' > 1 written to s_f.
@@ -43,11 +44,11 @@ struct TcFwdConfig {
   static constexpr int kBlockN = 64;   // keys per tile
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
-  // CTAs per SM the register allocation must allow: 1 (8 warps, up to 255 registers) at every
-  // head dim. Bounding to 2 CTAs (128 registers) spills, at head dim 32 too since the PackGQA
-  // branches (64 bytes; unbounded ptxas takes 204 there): whether 16 warps with a small spill
-  // beat 8 without is for a GPU benchmark to say.
-  static constexpr int kMinBlocks = 1;
+  // CTAs per SM the register allocation must allow (ptxas otherwise spends registers freely).
+  // Head dim 32: 2 (16 warps, 128 registers, no spills; unbounded ptxas takes 176). Wider head
+  // dims: 1 (8 warps, up to 255 registers): bounding head dim 64 to 2 CTAs spills; which is
+  // faster is for a GPU benchmark to say.
+  static constexpr int kMinBlocks = kD <= 32 ? 2 : 1;
   // +8 elements (16 bytes) per row: the 8 row addresses of an ldmatrix hit distinct banks.
   static constexpr int kStride = kD + 8;
   // F of the selection warps' rows for the other heads: at most kBlockM / 2 rows (H' >= 2).
@@ -95,9 +96,8 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const float scale = float(p.scale);
-  const int head_slot = warp * 16 / rows_per_head;  // this warp's head: h0 + head_slot
-  const int wrow = warp * 16 % rows_per_head;       // its first row, relative to row0
-  const bool sel_warp = head_slot == 0;             // computes F (warp-uniform)
+  const int wrow = warp * 16 % rows_per_head;  // this warp's first row, relative to row0
+  const bool sel_warp = warp * 16 < rows_per_head;  // head h0's warps compute F (uniform)
   const int64_t i_lo = row0 + wrow + g, i_hi = i_lo + 8;  // this thread's two rows
   // Uniform per warp: the selection warps of the CTAs holding head 0.
   const bool sum_mem = h0 == 0 && sel_warp && p.mem != nullptr && p.mem_tau > 0;
@@ -141,10 +141,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
 
     float s[8][4];  // logits, C fragments (rows i_lo: c = 0, 1; rows i_hi: c = 2, 3)
     float f[8][4];  // F, the same fragment positions
-    if (!sel_warp) {
-      // Q K^T while the selection warps compute F.
-      tc_gemm_xyt<T, kD>(s, s_q, s_k, warp, lane);
-    } else {
+    if (sel_warp) {
       // 1-2. Selection tile, then F in place: f[nt][c] for (row, key) = C-fragment element.
       tc_gemm_xyt<T, kD>(f, s_qsel, s_ksel, warp, lane);
 #pragma unroll
@@ -208,9 +205,9 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
           }
         }
       }
-      // 3. Logits.
-      tc_gemm_xyt<T, kD>(s, s_q, s_k, warp, lane);
     }
+    // 3. Logits.
+    tc_gemm_xyt<T, kD>(s, s_q, s_k, warp, lane);
     __syncthreads();  // every warp is done with s_k, s_ksel and s_warp_tot; s_f is written
     // The next tile's K, K_sel land during the softmax and P V.
     if (col0 + kBN <= last_row) {
@@ -248,7 +245,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
 
   // The sequence's rows again (not kept live across the key loop: fewer registers there).
   const SeqRows rows_out = seq_rows(p, b);
-  const int64_t h = h0 + head_slot;
+  const int64_t h = int64_t(blockIdx.y) * heads + warp * 16 / rows_per_head;  // this warp's head
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
            rows_out.start * p.out_row_stride;
   float* lse = static_cast<float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows_out);
