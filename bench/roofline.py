@@ -135,8 +135,8 @@ REGISTERS_SM90: Dict[tuple, int] = {
     ("simt_bwd", 1): 124, ("simt_bwd", 2): 148, ("simt_bwd", 4): 203, ("simt_bwd", 8): 248,
     ("prepass_tc_colsum", 32): 95, ("prepass_tc_colsum", 64): 96, ("prepass_tc_colsum", 96): 96,
     ("prepass_tc_colsum", 128): 96,
-    ("tc_fwd", 32): 128, ("tc_fwd", 64): 203, ("tc_fwd", 96): 219, ("tc_fwd", 128): 237,
-    ("tc_bwd", 64): 236, ("tc_bwd", 96): 255, ("tc_bwd", 128): 239,
+    ("tc_fwd", 32): 128, ("tc_fwd", 64): 207, ("tc_fwd", 96): 223, ("tc_fwd", 128): 239,
+    ("tc_bwd", 32): 248, ("tc_bwd", 64): 248, ("tc_bwd", 96): 244, ("tc_bwd", 128): 252,
     # csrc/cuda/decode (bf16; bench/results/ptxas_sm90_decode_tc_*.txt). attend_kernel spills
     # 36-40 bytes at head dims >= 64 (80 registers); attend_tc_kernel does not spill.
     ("decode_attend_simt", 32): 94, ("decode_attend_simt", 64): 80,
