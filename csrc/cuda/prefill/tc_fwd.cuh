@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(TcFwdConfig<T, kD>::kThreads, TcFwdConfig<T, k
 
   // The sequence's rows again (not kept live across the key loop: fewer registers there).
   const SeqRows rows_out = seq_rows(p, b);
-  const int64_t h = int64_t(blockIdx.y) * heads + warp * 16 / rows_per_head;  // this warp's head
+  const int64_t h = h0 + warp * 16 / rows_per_head;  // this warp's head
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
            rows_out.start * p.out_row_stride;
   float* lse = static_cast<float*>(p.lse) + stats_offset(p, b, h, p.heads_q, rows_out);
